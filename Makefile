@@ -1,0 +1,64 @@
+# collisions-book: `make build` renders the book, `make test` runs the tests. Both install what they need.
+#
+#   make build                 create/update .venv, execute changed chapters (papermill), render _build/html
+#   make test                  create/update .venv, pytest + every chapter with quick=True on the CPU
+#   make build DEVICE=cuda     run the chapters on a GPU (default: auto = cuda when available)
+#   make build PYTHON=python3  use an existing interpreter (e.g. a GPU box with torch installed) instead of .venv
+#
+# MNIST is read from $COLLISIONS_DATA (the folder holding MNIST/raw); next to this repo's checkout on the
+# project's offline machines that is ../shared/data, picked up automatically when present.
+
+BOOTSTRAP_PYTHON ?= python3
+VENV ?= .venv
+DEVICE ?= auto
+WEIGHTS ?= auto
+SEED ?= 0
+
+ifeq ($(origin PYTHON), undefined)
+PY := $(VENV)/bin/python
+ENV_STAMP := $(VENV)/.installed
+else
+PY := $(PYTHON)
+ENV_STAMP :=
+endif
+
+SHARED_DATA := $(wildcard $(CURDIR)/../shared/data/MNIST/raw)
+ifneq ($(SHARED_DATA),)
+export COLLISIONS_DATA ?= $(abspath $(CURDIR)/../shared/data)
+endif
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+export PYTHONUNBUFFERED := 1
+export MPLBACKEND := Agg
+
+.PHONY: env build test pytest chapters-quick clean help
+
+help:
+	@sed -n '1,12p' Makefile
+
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
+	test -x $(VENV)/bin/python || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -r requirements.txt
+	$(VENV)/bin/python -m pip install --no-deps -r requirements-nodeps.txt
+	$(VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+env: $(ENV_STAMP)
+
+build: env
+	$(PY) -m helpers.book build --device $(DEVICE) --weights $(WEIGHTS) --seed $(SEED)
+
+pytest: env
+	$(PY) -m pytest -q
+
+chapters-quick: env
+	COLLISIONS_OUT=$(CURDIR)/_build/test $(PY) -m helpers.book execute --quick --device cpu --weights $(WEIGHTS) \
+		--seed $(SEED) --out $(CURDIR)/_build/test --force
+
+test: env
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory pytest && $(MAKE) --no-print-directory chapters-quick; rc=$$?; \
+	echo "[make test] $$(( $$(date +%s) - start )) s"; exit $$rc
+
+clean:
+	rm -rf _build results figures/*.png

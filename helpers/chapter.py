@@ -1,0 +1,80 @@
+"""What every chapter does first: resolve its parameters, load models with the banner, collect claims.
+
+    ch = chapter.setup("fig1_resnet50", device=device, weights=weights, quick=quick, seed=seed)
+    resnet = ch.load("resnet50")        # banner shown if the weights are random
+    ch.claim("fig1.same_top1", "same top-1 class", paper="same", ours=..., status=...)
+    ch.save()                           # results/fig1_resnet50.json
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+
+from . import models, plotting, results, runtime
+
+
+@dataclass
+class Chapter:
+    """A chapter's resolved parameters, loaded models and recorded claims."""
+
+    name: str
+    device: torch.device
+    weights: str
+    quick: bool
+    seed: int
+    loaded: dict[str, models.LoadedModel] = field(default_factory=dict)
+    claims: list[results.Claim] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def load(self, model_name: str, weights: str | None = None) -> models.LoadedModel:
+        """Load a registry model with the chapter's weights policy; shows the banner if it is random."""
+        loaded = models.load(model_name, weights or self.weights, self.device)  # type: ignore[arg-type]
+        self.loaded[model_name] = loaded
+        results.banner(loaded)
+        return loaded
+
+    @property
+    def all_pretrained(self) -> bool:
+        return all(m.is_pretrained for m in self.loaded.values())
+
+    def weights_label(self, *names: str) -> str:
+        """'pretrained' / 'random' for the named models (all loaded ones if none named)."""
+        chosen = [self.loaded[n] for n in names] if names else list(self.loaded.values())
+        kinds = sorted({m.weights for m in chosen})
+        return "/".join(kinds) if kinds else "n/a"
+
+    def claim(self, id: str, description: str, *, paper: Any, ours: Any, status: str,
+              weights: str | None = None, reason: str = "") -> results.Claim:
+        c = results.Claim(id, description, paper, ours, status, weights or self.weights_label(), reason)
+        self.claims.append(c)
+        return c
+
+    def savefig(self, fig: plt.Figure, name: str, caption: str = "") -> Path:
+        return plotting.savefig(fig, name, caption)
+
+    def save(self, extra: dict[str, Any] | None = None) -> Path:
+        extra = dict(extra or {})
+        extra.setdefault("models", {n: {"weights": m.weights, "detail": m.detail} for n, m in self.loaded.items()})
+        extra.setdefault("seconds", round(time.perf_counter() - self.started, 2))
+        return results.save(self.name, self.claims, quick=self.quick, device=str(self.device), extra=extra)
+
+
+def setup(name: str, *, device: str = "auto", weights: str = "auto", quick: bool = False, seed: int = 0) -> Chapter:
+    """Resolve the papermill parameters, seed everything, set the figure style, print the environment."""
+    if weights not in models.WEIGHT_CHOICES:
+        raise ValueError(f"unknown weights {weights!r}; valid: {', '.join(models.WEIGHT_CHOICES)}")
+    resolved = runtime.resolve_device(device)
+    runtime.seed_everything(seed)
+    runtime.ensure_hub_mode()
+    plotting.use_book_style()
+    gpu = f" ({torch.cuda.get_device_name(resolved)})" if resolved.type == "cuda" else ""
+    print(f"chapter {name}: device={resolved}{gpu}, weights={weights}, quick={quick}, seed={seed}; "
+          f"torch {torch.__version__}, python {platform.python_version()}, "
+          f"network {'available' if runtime.network_available() else 'unavailable (offline mode)'}")
+    return Chapter(name, resolved, weights, quick, seed)

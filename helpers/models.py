@@ -1,0 +1,265 @@
+"""One registry of every model the book uses, and ``load`` with an honest offline fallback.
+
+``load(name, weights, device)`` returns the model *and* what was really loaded. ``weights="auto"`` tries
+the library's normal pretrained path (local cache first, download when online) and falls back to random
+initialisation, fast and visibly; ``weights="pretrained"`` raises instead of falling back.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from . import runtime
+
+Weights = Literal["auto", "pretrained", "random"]
+WEIGHT_CHOICES: tuple[str, ...] = ("auto", "pretrained", "random")
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights were asked for but cannot be had (no cache, no network)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one model.
+
+    ``source`` is the library (torchvision, timm, smp, book); ``builder`` its constructor name there;
+    ``kwargs`` extra constructor arguments; ``table1`` the row label of Table 1 of Ozbulak et al. it
+    stands for (None if the model is used elsewhere only).
+    """
+
+    name: str
+    source: Literal["torchvision", "timm", "smp", "book"]
+    builder: str
+    task: Literal["classification", "segmentation", "localization", "mnist"]
+    table1: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class LoadedModel:
+    """A model together with what was really loaded.
+
+    ``weights`` is ``"pretrained"`` or ``"random"``; ``transform`` maps a PIL image to the model's input
+    tensor (C, H, W), float32, normalised as the weights expect; ``class_names`` may be empty.
+    """
+
+    model: nn.Module
+    spec: ModelSpec
+    weights: Literal["pretrained", "random"]
+    transform: Callable[[Any], torch.Tensor] | None
+    class_names: list[str]
+    detail: str
+
+    @property
+    def is_pretrained(self) -> bool:
+        return self.weights == "pretrained"
+
+    def caption(self) -> str:
+        """The phrase every figure caption carries about the weights."""
+        if self.is_pretrained:
+            return f"{self.spec.name}, pretrained weights ({self.spec.source})"
+        return f"{self.spec.name}, RANDOM weights (pretrained unavailable: {self.detail})"
+
+
+def _tv(name: str, builder: str, task: str, table1: str | None = None, **kwargs: Any) -> ModelSpec:
+    return ModelSpec(name, "torchvision", builder, task, table1, kwargs)  # type: ignore[arg-type]
+
+
+def _timm(name: str, task: str = "classification", table1: str | None = None, **kwargs: Any) -> ModelSpec:
+    return ModelSpec(name, "timm", name, task, table1, kwargs)  # type: ignore[arg-type]
+
+
+def _smp(name: str, builder: str, table1: str, encoder: str) -> ModelSpec:
+    return ModelSpec(name, "smp", builder, "segmentation", table1, {"encoder_name": encoder})
+
+
+# The Table 1 rows name architectures, not constructors; the audit chapter argues each choice from the
+# numbers it reproduces. Extra entries are the models the figures and Li et al.'s experiments use.
+REGISTRY: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        # Table 1, classification (ImageNet)
+        _tv("alexnet", "alexnet", "classification", "AlexNet"),
+        _tv("squeezenet1_0", "squeezenet1_0", "classification"),
+        _tv("squeezenet1_1", "squeezenet1_1", "classification", "Squeezenet"),
+        _tv("vgg16", "vgg16", "classification", "VGG-16"),
+        _tv("resnet50", "resnet50", "classification", "ResNet-50"),
+        _tv("densenet121", "densenet121", "classification", "DenseNet-121"),
+        _tv("inception_v3", "inception_v3", "classification", "Inception-V3", init_weights=True, aux_logits=True),
+        _tv("vit_b_16", "vit_b_16", "classification"),
+        _tv("vit_l_16", "vit_l_16", "classification"),
+        _timm("vit_base_patch16_224", table1="ViT-Base"),
+        _timm("vit_large_patch16_224", table1="ViT-Large"),
+        _timm("deit_tiny_patch16_224", table1="DeiT-Tiny"),
+        _timm("deit_base_patch16_224", table1="DeiT-Base"),
+        # Table 1, segmentation
+        _smp("unet_resnet34", "Unet", "UNet", "resnet34"),
+        _tv("fcn_resnet50", "fcn_resnet50", "segmentation", "Fcn"),
+        _smp("pspnet_resnet34", "PSPNet", "PSPNet", "resnet34"),
+        _tv("deeplabv3_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "segmentation", "MobileNet-V3"),
+        _tv("deeplabv3_resnet50", "deeplabv3_resnet50", "segmentation"),
+        _tv("lraspp_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "segmentation", "Lite R-ASPP"),
+        # Table 1, localization (COCO)
+        _tv("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "localization", "Mask R-CNN"),
+        _tv("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "localization", "Faster R-CNN"),
+        _tv("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn", "localization"),
+        _tv("keypointrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn", "localization", "Keypoint R-CNN"),
+        _tv("retinanet_resnet50_fpn", "retinanet_resnet50_fpn", "localization", "RetinaNet"),
+        # used by the figures and by Li et al.
+        _tv("mobilenet_v3_large", "mobilenet_v3_large", "classification"),
+        ModelSpec("mnist_mlp_2x256", "book", "mlp", "mnist", None, {"hidden": (256, 256)},
+                  "Li et al.'s MNIST net: 784-256-256-10, ReLU; 'pretrained' = trained by the book, cached"),
+        ModelSpec("lenet5", "book", "lenet5", "mnist", None, {},
+                  "LeNet-5 (Li et al.'s appendix); 'pretrained' = trained by the book, cached"),
+    ]
+}
+
+TABLE1_ROWS: dict[str, str] = {s.table1: s.name for s in REGISTRY.values() if s.table1}
+
+
+def spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``; unknown names raise a ``KeyError`` listing the valid ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; valid names: {', '.join(sorted(REGISTRY))}") from None
+
+
+def load(name: str, weights: Weights = "auto", device: str | torch.device = "cpu") -> LoadedModel:
+    """Build ``name`` in eval mode on ``device``.
+
+    weights: ``"pretrained"`` (raise ``WeightsUnavailable`` if they cannot be had), ``"random"``, or
+    ``"auto"`` (pretrained if possible, else random, with the reason in ``LoadedModel.detail``).
+    """
+    model_spec = spec(name)
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHT_CHOICES)}")
+    builder = _BUILDERS[model_spec.source]
+    loaded: LoadedModel | None = None
+    reason = "random weights asked for"
+    if weights != "random":
+        try:
+            loaded = builder(model_spec, True)
+        except WeightsUnavailable as err:
+            if weights == "pretrained":
+                raise WeightsUnavailable(f"pretrained weights for {name!r} unavailable: {err}") from err
+            reason = str(err)
+    if loaded is None:
+        loaded = builder(model_spec, False)
+        loaded.detail = reason
+    loaded.model.eval().to(runtime.resolve_device(device) if isinstance(device, str) else device)
+    return loaded
+
+
+# --- torchvision -------------------------------------------------------------------------------------
+
+def _torchvision_checkpoint(weights_enum: Any) -> Path:
+    """Where ``torch.hub`` caches the checkpoint of a torchvision weights enum."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights_enum.url).path)
+
+
+def _build_torchvision(s: ModelSpec, pretrained: bool) -> LoadedModel:
+    import torchvision
+
+    fn = torchvision.models.get_model_builder(s.builder)
+    enum = torchvision.models.get_model_weights(s.builder).DEFAULT
+    kwargs = dict(s.kwargs)
+    if "weights_backbone" in inspect.signature(fn).parameters:
+        kwargs["weights_backbone"] = None  # never download a backbone behind the reader's back
+    if pretrained:
+        checkpoint = _torchvision_checkpoint(enum)
+        if not checkpoint.exists() and not runtime.network_available():
+            raise WeightsUnavailable(f"no network and no cached checkpoint at {checkpoint}")
+        kwargs.pop("init_weights", None)
+        model = fn(weights=enum, **kwargs)
+        detail = f"torchvision {enum} from {checkpoint}"
+    else:
+        if s.task != "classification" and "num_classes" not in kwargs:
+            kwargs["num_classes"] = len(enum.meta["categories"])
+        model = fn(weights=None, **kwargs)
+        detail = ""
+    transform = enum.transforms() if s.task == "classification" else None
+    return LoadedModel(model, s, "pretrained" if pretrained else "random", transform,
+                       list(enum.meta.get("categories", [])), detail)
+
+
+# --- timm ---------------------------------------------------------------------------------------------
+
+def _build_timm(s: ModelSpec, pretrained: bool) -> LoadedModel:
+    runtime.ensure_hub_mode()
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    if pretrained:
+        try:
+            model = timm.create_model(s.builder, pretrained=True, **s.kwargs)
+        except Exception as err:  # timm raises hub, URL or file errors depending on where weights live
+            raise WeightsUnavailable(f"timm could not load pretrained {s.builder!r} "
+                                     f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from err
+    else:
+        model = timm.create_model(s.builder, pretrained=False, **s.kwargs)
+    transform = create_transform(**resolve_data_config({}, model=model))
+    return LoadedModel(model, s, "pretrained" if pretrained else "random", transform, imagenet_classes(),
+                       f"timm {s.builder}" if pretrained else "")
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet class names, in the order of the logits."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.DEFAULT.meta["categories"])
+
+
+# --- segmentation-models-pytorch --------------------------------------------------------------------
+
+def _build_smp(s: ModelSpec, pretrained: bool) -> LoadedModel:
+    runtime.ensure_hub_mode()
+    import segmentation_models_pytorch as smp
+
+    cls = getattr(smp, s.builder)
+    if pretrained:
+        try:
+            model = cls(encoder_weights="imagenet", **s.kwargs)
+        except Exception as err:
+            raise WeightsUnavailable(f"smp could not load ImageNet encoder weights for {s.kwargs} "
+                                     f"({type(err).__name__})") from err
+        detail = "smp encoder pretrained on ImageNet; decoder randomly initialised (as smp ships it)"
+    else:
+        model = cls(encoder_weights=None, **s.kwargs)
+        detail = ""
+    return LoadedModel(model, s, "pretrained" if pretrained else "random", None, [], detail)
+
+
+# --- models the book trains itself (MNIST) ------------------------------------------------------------
+
+def _build_book(s: ModelSpec, pretrained: bool) -> LoadedModel:
+    from . import mnist_models, train
+
+    model = mnist_models.build(s.builder, **s.kwargs)
+    if pretrained:
+        checkpoint = train.cached_checkpoint(s.name)
+        if checkpoint is None:
+            raise WeightsUnavailable(f"{s.name} has not been trained yet (the MNIST chapters train and cache it)")
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        detail = f"trained by the book, cached at {checkpoint}"
+    else:
+        detail = ""
+    return LoadedModel(model, s, "pretrained" if pretrained else "random", None,
+                       [str(d) for d in range(10)], detail)
+
+
+_BUILDERS: dict[str, Callable[[ModelSpec, bool], LoadedModel]] = {
+    "torchvision": _build_torchvision,
+    "timm": _build_timm,
+    "smp": _build_smp,
+    "book": _build_book,
+}

@@ -1,0 +1,163 @@
+"""Results files (``results/<chapter>.json``), the claims check, the random-weights banner, the scoreboard.
+
+Each chapter records its claims: what the paper says, what we measured, the weights used and a status.
+The build turns all results files into the Reproduction scoreboard page.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import runtime
+
+REPRODUCED = "reproduced"
+DIFFERS = "differs"
+NOT_CHECKABLE = "not checkable with random weights"
+PENDING = "pending"
+STATUSES = (REPRODUCED, DIFFERS, NOT_CHECKABLE, PENDING)
+
+
+@dataclass
+class Claim:
+    """One claim of a paper as the book checked it.
+
+    ``paper`` and ``ours`` are shown as given (numbers or short text); ``reason`` explains any difference.
+    """
+
+    id: str
+    description: str
+    paper: Any
+    ours: Any
+    status: str
+    weights: str = "n/a"
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown status {self.status!r} for claim {self.id!r}; valid: {', '.join(STATUSES)}")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def save(chapter: str, claims: Iterable[Claim], *, quick: bool, device: str,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write ``results/<chapter>.json`` atomically and return its path."""
+    payload = {
+        "chapter": chapter,
+        "quick": quick,
+        "device": device,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "claims": [_jsonable(asdict(c)) for c in claims],
+        "extra": _jsonable(extra or {}),
+    }
+    path = runtime.results_dir() / f"{chapter}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_all(folder: Path | None = None) -> list[dict[str, Any]]:
+    """Every results file in ``folder`` (default: the current results folder), sorted by chapter."""
+    folder = folder or runtime.results_dir()
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+class ClaimFailed(AssertionError):
+    """A claims cell found a claim that must hold but does not; the build fails."""
+
+
+class Checks:
+    """Collects the must-hold checks of a claims cell and fails the build (raises) if any is false."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bool, str]] = []
+
+    def require(self, ok: bool, what: str, measured: Any = "") -> None:
+        self.items.append((what, bool(ok), str(measured)))
+
+    def skip(self, what: str, why: str) -> None:
+        """Record a check that cannot be made here (e.g. it needs trained weights)."""
+        self.items.append((what, True, f"not checked: {why}"))
+
+    def finish(self) -> None:
+        rows = "".join(f"<tr><td>{'✅' if ok else '❌'}</td><td>{html.escape(w)}</td><td>{html.escape(m)}</td></tr>"
+                       for w, ok, m in self.items)
+        _display_html(f"<table><tr><th></th><th>must hold</th><th>measured</th></tr>{rows}</table>")
+        failed = [w for w, ok, _ in self.items if not ok]
+        if failed:
+            raise ClaimFailed("claims that do not hold: " + "; ".join(failed))
+
+
+def _display_html(text: str) -> None:
+    try:
+        from IPython.display import HTML, display
+
+        display(HTML(text))
+    except ImportError:  # plain Python (command line): print a readable fallback
+        print(text)
+
+
+def banner(loaded: Any | Iterable[Any]) -> bool:
+    """Show a warning box if any of the given ``LoadedModel``s has random weights; return True if so."""
+    items = list(loaded) if isinstance(loaded, (list, tuple)) else [loaded]
+    random_ones = [m for m in items if not m.is_pretrained]
+    if not random_ones:
+        return False
+    lines = "".join(f"<li><code>{html.escape(m.spec.name)}</code>: {html.escape(m.detail)}</li>" for m in random_ones)
+    _display_html(
+        '<div class="admonition warning" style="border-left:6px solid #d9534f;padding:0.6em 1em;background:#fdf2f2">'
+        "<p class='admonition-title'><b>⚠ Random weights.</b> Pretrained weights could not be loaded here, so "
+        "these models run with random initialisation. Everything that follows from the <i>shapes</i> of the "
+        "weights still holds; claims that need trained weights are reported as <i>not checkable with random "
+        f"weights</i>.</p><ul>{lines}</ul><p>Run on Colab, or with the checkpoints in the torch/timm cache, "
+        "for the trained numbers.</p></div>")
+    return True
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return "—"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def scoreboard_markdown(records: list[dict[str, Any]], chapter_titles: dict[str, str]) -> str:
+    """The Reproduction scoreboard page (MyST markdown) from all results records."""
+    counts = {s: 0 for s in STATUSES}
+    lines = ["| chapter | claim | paper | ours | weights | status | reason |", "|---|---|---|---|---|---|---|"]
+    for record in records:
+        title = chapter_titles.get(record["chapter"], record["chapter"])
+        link = f"[{title}](chapters/{record['chapter']}.ipynb)"
+        for c in record["claims"]:
+            counts[c["status"]] = counts.get(c["status"], 0) + 1
+            lines.append("| " + " | ".join([link, _fmt(c["description"]), _fmt(c["paper"]), _fmt(c["ours"]),
+                                             _fmt(c["weights"]), f"**{c['status']}**", _fmt(c["reason"])]) + " |")
+    quick = [r["chapter"] for r in records if r.get("quick")]
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    head = [
+        "# Reproduction scoreboard", "",
+        "Generated by `make build` from `results/*.json`: every number below was recomputed by the chapter it "
+        "links to; the paper's value is shown only beside it. *Not checkable with random weights* means the "
+        "claim needs trained weights that this build could not load.", "",
+        f"**{summary or 'no claims recorded yet'}.**", "",
+    ]
+    if quick:
+        head += [f"```{{warning}}\nThese chapters ran in quick mode (small sizes): {', '.join(quick)}.\n```", ""]
+    return "\n".join(head + lines) + "\n"
