@@ -88,7 +88,7 @@ def _kernel_env() -> dict[str, str]:
     """
     spec_dir = BUILD / "jupyter" / "kernels" / KERNEL
     spec_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--log-level=ERROR"],
             "display_name": "Python (collisions-book)", "language": "python"}
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     env = dict(os.environ)

@@ -1,0 +1,68 @@
+"""Data loaders: MNIST from COLLISIONS_DATA, sample and user images, preprocessing, training cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import data, runtime, train
+
+from .conftest import needs_mnist
+
+
+@needs_mnist
+def test_mnist_loads_from_the_data_root() -> None:
+    images, labels = data.mnist(train=False)
+    assert images.shape == (10_000, 1, 28, 28) and images.dtype == torch.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert labels.shape == (10_000,) and set(labels.unique().tolist()) == set(range(10))
+
+
+def test_mnist_missing_root_offline_names_the_variable(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("COLLISIONS_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("COLLISIONS_OFFLINE", "1")
+    runtime.network_available.cache_clear()
+    data.mnist.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match="COLLISIONS_DATA"):
+            data.mnist(train=False)
+    finally:
+        data.mnist.cache_clear()
+        runtime.network_available.cache_clear()
+
+
+def test_sample_image_and_preprocessing() -> None:
+    image = data.load_image("astronaut")
+    pixels = data.imagenet_pixels(image)
+    assert pixels.shape == (1, 3, 224, 224) and 0.0 <= pixels.min() and pixels.max() <= 1.0
+    normalised = data.imagenet_normalize(pixels)
+    assert normalised.shape == pixels.shape and normalised.min() < 0
+
+
+def test_missing_image_names_the_path(tmp_path) -> None:
+    missing = tmp_path / "no_such.png"
+    with pytest.raises(FileNotFoundError, match="no_such.png.*astronaut"):
+        data.load_image(missing)
+
+
+def test_user_image_path(tmp_path) -> None:
+    path = tmp_path / "cat.png"
+    data.load_image("cat").save(path)
+    assert data.load_image(path).size == data.load_image("cat").size
+
+
+@needs_mnist
+def test_training_is_cached_by_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("COLLISIONS_CACHE", str(tmp_path))
+    config = train.TrainConfig("mlp", {"hidden": (32,)}, epochs=1, train_size=2000)
+    first = train.train_mnist(config, "cpu", progress=False)
+    second = train.train_mnist(config, "cpu", progress=False)
+    assert not first.from_cache and second.from_cache
+    assert first.test_accuracy == second.test_accuracy > 0.5
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a.cpu(), b.cpu())
+    assert train.TrainConfig("mlp", {"hidden": (33,)}).key() != config.key()
+
+
+def test_unknown_mnist_kind() -> None:
+    with pytest.raises(KeyError, match="valid: mlp, cnn, patch, lenet5"):
+        train.TrainConfig("resnet", {}).build()
