@@ -149,6 +149,31 @@ def write_scoreboard(results_folder: Path, target: Path) -> None:
     target.write_text(results.scoreboard_markdown(results.load_all(results_folder), chapter_titles()))
 
 
+def _tag(cell: dict, tag: str) -> None:
+    tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+    if tag not in tags:
+        tags.append(tag)
+
+
+def prepare_for_render(notebook: Path, target: Path) -> None:
+    """Copy an executed notebook for rendering: hide the Colab install cell and the default parameters cell.
+
+    Papermill injects the parameters it ran with (tag ``injected-parameters``) right after the defaults; the
+    rendered page shows only the injected values, which are the ones that produced the outputs.
+    """
+    nb = json.loads(notebook.read_text())
+    injected = any("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"])
+    for cell in nb["cells"]:
+        tags = cell.get("metadata", {}).get("tags", [])
+        source = "".join(cell.get("source", ""))
+        if cell["cell_type"] == "code" and "google.colab" in source and "pip install" in source:
+            _tag(cell, "remove-cell")
+        elif "parameters" in tags and injected:
+            _tag(cell, "remove-cell")
+    target.write_text(json.dumps(nb, indent=1))
+    shutil.copystat(notebook, target)
+
+
 def stage(out: Path) -> Path:
     """Assemble the book's source (config, pages, executed notebooks, scoreboard) under ``out/src``."""
     src = out / "src"
@@ -165,7 +190,10 @@ def stage(out: Path) -> Path:
         if not source.exists():
             raise SystemExit(f"missing page for toc entry {f!r}: {source}")
         (src / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, src / f"{f}{source.suffix}")
+        if source.suffix == ".ipynb":
+            prepare_for_render(source, src / f"{f}.ipynb")
+        else:
+            shutil.copy2(source, src / f"{f}{source.suffix}")
     if (ROOT / "figures").is_dir():
         shutil.copytree(ROOT / "figures", src / "figures")
     write_scoreboard(ROOT / "results", src / "scoreboard.md")

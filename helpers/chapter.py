@@ -74,7 +74,7 @@ def setup(name: str, *, device: str = "auto", weights: str = "auto", quick: bool
     runtime.ensure_hub_mode()
     plotting.use_book_style()
     gpu = f" ({torch.cuda.get_device_name(resolved)})" if resolved.type == "cuda" else ""
-    print(f"chapter {name}: device={resolved}{gpu}, weights={weights}, quick={quick}, seed={seed}; "
+    print(f"chapter {name}: device={resolved}{gpu}, weights={weights}, quick={quick}, seed={seed}\n"
           f"torch {torch.__version__}, python {platform.python_version()}, "
           f"network {'available' if runtime.network_available() else 'unavailable (offline mode)'}")
     return Chapter(name, resolved, weights, quick, seed)

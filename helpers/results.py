@@ -139,17 +139,18 @@ def _fmt(value: Any) -> str:
 
 
 def scoreboard_markdown(records: list[dict[str, Any]], chapter_titles: dict[str, str]) -> str:
-    """The Reproduction scoreboard page (MyST markdown) from all results records."""
+    """The Reproduction scoreboard page (MyST markdown) from all results records: a table per chapter."""
     counts = {s: 0 for s in STATUSES}
-    lines = ["| chapter | claim | paper | ours | weights | status | reason |", "|---|---|---|---|---|---|---|"]
+    sections = []
     for record in records:
         title = chapter_titles.get(record["chapter"], record["chapter"])
-        link = f"[{title}](chapters/{record['chapter']}.ipynb)"
+        rows = ["| claim | paper | ours | weights | status | reason |", "|---|---|---|---|---|---|"]
         for c in record["claims"]:
             counts[c["status"]] = counts.get(c["status"], 0) + 1
-            lines.append("| " + " | ".join([link, _fmt(c["description"]), _fmt(c["paper"]), _fmt(c["ours"]),
-                                             _fmt(c["weights"]), f"**{c['status']}**", _fmt(c["reason"])]) + " |")
-    quick = [r["chapter"] for r in records if r.get("quick")]
+            rows.append("| " + " | ".join([_fmt(c["description"]), _fmt(c["paper"]), _fmt(c["ours"]),
+                                            _fmt(c["weights"]), f"**{c['status']}**", _fmt(c["reason"])]) + " |")
+        mode = " (quick mode)" if record.get("quick") else ""
+        sections += [f"## [{title}](chapters/{record['chapter']}.ipynb){mode}", "", *rows, ""]
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     head = [
         "# Reproduction scoreboard", "",
@@ -158,6 +159,4 @@ def scoreboard_markdown(records: list[dict[str, Any]], chapter_titles: dict[str,
         "claim needs trained weights that this build could not load.", "",
         f"**{summary or 'no claims recorded yet'}.**", "",
     ]
-    if quick:
-        head += [f"```{{warning}}\nThese chapters ran in quick mode (small sizes): {', '.join(quick)}.\n```", ""]
-    return "\n".join(head + lines) + "\n"
+    return "\n".join(head + sections) + "\n"

@@ -46,7 +46,9 @@ def test_scoreboard_lists_claims(tmp_path) -> None:
     path = results.save("demo", [claim], quick=False, device="cpu")
     records = results.load_all(path.parent)
     page = results.scoreboard_markdown([r for r in records if r["chapter"] == "demo"], {"demo": "Demo"})
-    assert "| [Demo](chapters/demo.ipynb) | a claim | 84 | 83 | random | **differs** | trained weights add one |" in page
+    assert "## [Demo](chapters/demo.ipynb)" in page
+    assert "| a claim | 84 | 83 | random | **differs** | trained weights add one |" in page
+    assert "**1 differs.**" in page
 
 
 def test_claim_status_is_validated() -> None:
