@@ -103,14 +103,22 @@ REGISTRY: dict[str, ModelSpec] = {
         _timm("deit_base_patch16_224", table1="DeiT-Base"),
         # Table 1, segmentation
         _smp("unet_resnet34", "Unet", "UNet", "resnet34"),
-        _tv("fcn_resnet50", "fcn_resnet50", "segmentation", "Fcn"),
-        _smp("pspnet_resnet34", "PSPNet", "PSPNet", "resnet34"),
-        _tv("deeplabv3_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "segmentation", "MobileNet-V3"),
+        _tv("fcn_resnet50", "fcn_resnet50", "segmentation"),
+        # Table 1's Fcn row counts the auxiliary FCN head that torchvision's pretrained weights carry (n = 57)
+        _tv("fcn_resnet50_aux", "fcn_resnet50", "segmentation", "Fcn", aux_loss=True),
+        ModelSpec("pspnet_resnet34", "smp", "PSPNet", "segmentation", None, {"encoder_name": "resnet34"}),
+        # with smp's default classes=1 the shapes force more nullity than Table 1's PSPNet sum; >= 13 classes fit
+        ModelSpec("pspnet_resnet34_voc", "smp", "PSPNet", "segmentation", "PSPNet",
+                  {"encoder_name": "resnet34", "classes": 21}, "PSPNet, ResNet-34 encoder, 21 (VOC) classes"),
+        _tv("deeplabv3_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "segmentation"),
         _tv("deeplabv3_resnet50", "deeplabv3_resnet50", "segmentation"),
+        # Table 1's "MobileNet-V3" segmentation row: its n, mu, sum and nullity(W1) fit this model, not a MobileNet
+        _tv("deeplabv3_resnet50_aux", "deeplabv3_resnet50", "segmentation", "MobileNet-V3", aux_loss=True),
         _tv("lraspp_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "segmentation", "Lite R-ASPP"),
         # Table 1, localization (COCO)
         _tv("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "localization", "Mask R-CNN"),
         _tv("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "localization", "Faster R-CNN"),
+        _tv("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn", "localization"),
         _tv("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn", "localization"),
         _tv("keypointrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn", "localization", "Keypoint R-CNN"),
         _tv("retinanet_resnet50_fpn", "retinanet_resnet50_fpn", "localization", "RetinaNet"),

@@ -47,11 +47,13 @@ CANONICAL: dict[str, TrainConfig] = {
 }
 
 #: MNIST models whose first layer has a non-trivial kernel (the null-space chapters' offline track).
-#: W1 shapes: mlp 256 x 784; cnn 8 x 16 (4x4 kernel, stride 2: overlapping patches); patch 16 x 49 (7x7, stride 7).
+#: W1 shapes: mlp 256 x 784; cnn 6 x 16 (4x4 kernel, stride 3: overlapping windows, and 6 channels < 3*3 pixels
+#: per stride cell, so the conv as an operator on 28x28 images has a large exact null space: 784 - 6*9*9 = 298
+#: dimensions at least); patch 16 x 49 (7x7, stride 7: non-overlapping, nullity 33 per patch).
 MNIST_ZOO: dict[str, TrainConfig] = {
-    "mlp": TrainConfig("mlp", {"hidden": (256, 128)}, epochs=3),
-    "cnn": TrainConfig("cnn", {"channels": 8, "kernel": 4, "stride": 2}, epochs=3),
-    "patch": TrainConfig("patch", {"patch_size": 7, "embed": 16}, epochs=3),
+    "mlp": TrainConfig("mlp", {"hidden": (256, 128)}, epochs=2),
+    "cnn": TrainConfig("cnn", {"channels": 6, "kernel": 4, "stride": 3}, epochs=2),
+    "patch": TrainConfig("patch", {"patch_size": 7, "embed": 16}, epochs=2),
 }
 
 
