@@ -29,7 +29,7 @@ from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data, train
+from . import data, results, train
 
 # --- the sweep ------------------------------------------------------------------------------------------
 
@@ -397,28 +397,6 @@ def correlation_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str], ri
     return table
 
 
-def table_markdown(records: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
-                   labels: dict[str, str] | None = None) -> str:
-    """A markdown table of records (Correlation cells as 'ρ [lo, hi]', floats to 3 significant digits)."""
-    if not records:
-        return "(empty)"
-    columns = list(columns or records[0])
-    labels = labels or {}
-
-    def cell(v: Any) -> str:
-        if isinstance(v, Correlation):
-            return v.text()
-        if v is None:
-            return "—"
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return str(labels.get(v, v)) if isinstance(v, str) else str(v)
-
-    lines = ["| " + " | ".join(labels.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in records]
-    return "\n".join(lines)
-
-
 def table_jsonable(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records with Correlation cells turned into dicts (for results/*.json)."""
     return [{k: asdict(v) if isinstance(v, Correlation) else v for k, v in r.items()} for r in records]
@@ -537,7 +515,7 @@ def _cli(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"rows": rows, "correlations": table_jsonable(table)}, indent=1, default=str))
     else:
-        print(table_markdown(table, ["risk", "metric", "pooled", "given clean_acc", "given log10_params",
+        print(results.markdown_table(table, ["risk", "metric", "pooled", "given clean_acc", "given log10_params",
                                      *dict.fromkeys(r["family"] for r in rows)]))
     return 0
 

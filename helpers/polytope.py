@@ -519,21 +519,6 @@ def distance_sweep(split: ReluSplit, targets: Tensor, starts: Tensor, configs: S
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], labels: dict[str, str] | None = None) -> str:
-    """A markdown table (floats to 4 significant digits, None as an em dash)."""
-    labels = labels or {}
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "—"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(labels.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows])
-
-
 def polytope_figure(rows: Sequence[dict[str, Any]], difference: bool = False, size: float = 1.5) -> "plt.Figure":
     """Li et al.'s Table 1/3/5 as a figure, one row per polytope.
 

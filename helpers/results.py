@@ -138,6 +138,29 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def markdown_table(rows: Iterable[dict[str, Any]], columns: Iterable[str] | None = None,
+                   labels: dict[str, str] | None = None, digits: int = 4) -> str:
+    """A markdown table of dict rows: floats to ``digits`` significant digits, None as an em dash, objects with a
+    ``text()`` method (e.g. ``gauge.Correlation``) by that text, string cells and headers renamed by ``labels``."""
+    rows = list(rows)
+    if not rows:
+        return "(empty)"
+    columns = list(columns or rows[0])
+    labels = labels or {}
+
+    def cell(v: Any) -> str:
+        if hasattr(v, "text") and callable(v.text):
+            return v.text()
+        if isinstance(v, float):
+            return f"{v:.{digits}g}"
+        if isinstance(v, str):
+            v = labels.get(v, v)
+        return "—" if v is None else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(labels.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows])
+
+
 def scoreboard_markdown(records: list[dict[str, Any]], chapter_titles: dict[str, str]) -> str:
     """The Reproduction scoreboard page (MyST markdown) from all results records: a table per chapter."""
     counts = {s: 0 for s in STATUSES}

@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from helpers import gauge, train
+from helpers import gauge, results, train
 from tests.conftest import needs_mnist
 
 
@@ -75,7 +75,7 @@ def test_correlation_table_has_pooled_partial_and_family_cells() -> None:
     table = gauge.correlation_table(rows, ["nullity_w1"], ["median_l2"], n_boot=50)
     assert len(table) == 1 and table[0]["pooled"].rho < 0
     assert set(table[0]) >= {"pooled", "given clean_acc", "given log10_params", "mlp", "patch"}
-    assert gauge.table_markdown(table).count("\n") == 2
+    assert results.markdown_table(table).count("\n") == 2
     with pytest.raises(KeyError, match="no column 'nope'"):
         gauge.correlation_table(rows, ["nope"], ["median_l2"], n_boot=10)
 
