@@ -19,7 +19,10 @@ REPRODUCED = "reproduced"
 DIFFERS = "differs"
 NOT_CHECKABLE = "not checkable with random weights"
 PENDING = "pending"
-STATUSES = (REPRODUCED, DIFFERS, NOT_CHECKABLE, PENDING)
+# For questions a paper asks but does not answer (e.g. Sec. 7's proposed gauges): a measurement, not a reproduction.
+SUPPORTED = "open question: supported"
+NOT_SUPPORTED = "open question: not supported"
+STATUSES = (REPRODUCED, DIFFERS, NOT_CHECKABLE, PENDING, SUPPORTED, NOT_SUPPORTED)
 
 
 @dataclass
