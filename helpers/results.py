@@ -170,11 +170,11 @@ def scoreboard_markdown(records: list[dict[str, Any]], chapter_titles: dict[str,
     sections = []
     for record in records:
         title = chapter_titles.get(record["chapter"], record["chapter"])
-        rows = ["| claim | paper | ours | weights | status | reason |", "|---|---|---|---|---|---|"]
+        rows = ["| status | claim | paper | ours | weights | reason |", "|---|---|---|---|---|---|"]
         for c in record["claims"]:
             counts[c["status"]] = counts.get(c["status"], 0) + 1
-            rows.append("| " + " | ".join([_fmt(c["description"]), _fmt(c["paper"]), _fmt(c["ours"]),
-                                            _fmt(c["weights"]), f"**{c['status']}**", _fmt(c["reason"])]) + " |")
+            rows.append("| " + " | ".join([f"**{c['status']}**", _fmt(c["description"]), _fmt(c["paper"]),
+                                            _fmt(c["ours"]), _fmt(c["weights"]), _fmt(c["reason"])]) + " |")
         mode = " (quick mode)" if record.get("quick") else ""
         sections += [f"## [{title}](chapters/{record['chapter']}.ipynb){mode}", "", *rows, ""]
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
