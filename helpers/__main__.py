@@ -27,11 +27,16 @@ def _models_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_report(report: dict, as_json: bool) -> None:
+    """Print a command's result: indented JSON with ``--json``, else one ``key: value`` line per entry."""
+    print(json.dumps(report, indent=1) if as_json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+
+
 def _load_command(args: argparse.Namespace) -> int:
     loaded = models.load(args.model, args.weights, args.device)
     info = {"model": args.model, "weights": loaded.weights, "detail": loaded.detail,
             "parameters": sum(p.numel() for p in loaded.model.parameters())}
-    print(json.dumps(info, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
+    print_report(info, args.json)
     return 0
 
 

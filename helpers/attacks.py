@@ -719,7 +719,9 @@ def _attacks_command(args: argparse.Namespace) -> int:
     twins = colliding_adversarials(model, image, adversarial, eps=eps, n=args.n)
     report = {"model": args.model, "weights": loaded.weights, "eps": eps, "pgd_eps": pgd_eps,
               **describe_colliding(model, twins)}
-    print(json.dumps(report, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+    from .__main__ import print_report
+
+    print_report(report, args.json)
     return 0
 
 

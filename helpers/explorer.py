@@ -99,7 +99,7 @@ def interactive(model: nn.Module, x: torch.Tensor, layer: nn.Module, basis: ns.K
                 std: Sequence[float] | None = None, max_beta: float = 20.0) -> Any:
     """An ipywidgets explorer (beta, basis vector, region box in tiles); returns the widget (Jupyter/Colab)."""
     import ipywidgets as widgets
-    from IPython.display import clear_output, display
+    from IPython.display import clear_output
 
     grid = ns.patch_grid(layer, x.shape[1:]) if isinstance(layer, nn.Conv2d) else None
     beta = widgets.FloatSlider(value=2.0, min=-max_beta, max=max_beta, step=0.5, description="beta")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -706,7 +705,9 @@ def collide(model_name: str, image: str = "astronaut", beta: float = 2.0, weight
 
 def _collide_command(args: argparse.Namespace) -> int:
     out = collide(args.model, args.image, args.beta, args.weights, args.device, args.seed)
-    print(json.dumps(out, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
+    from .__main__ import print_report
+
+    print_report(out, args.json)
     return 0
 
 
