@@ -1,7 +1,8 @@
 # collisions-book: `make build` renders the book, `make test` runs the tests. Both install what they need.
 #
 #   make build                 create/update .venv, execute changed chapters (papermill), render _build/html
-#   make test                  create/update .venv, pytest + every chapter with quick=True on the CPU
+#   make test                  create/update .venv, pytest + every chapter with quick=True on the CPU, rendered into
+#                              a quick book (_build/quick) that the reader's test opens in headless Chromium
 #   make build DEVICE=cuda     run the chapters on a GPU (default: auto = cuda when available)
 #   make build PYTHON=python3  use an existing interpreter (e.g. a GPU box with torch installed) instead of .venv
 #
@@ -30,7 +31,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
 
-.PHONY: env build test pytest chapters-quick clean help
+.PHONY: env build test pytest quick-book reader clean help
 
 help:
 	@sed -n '1,12p' Makefile
@@ -51,13 +52,18 @@ build: env
 pytest: env
 	$(PY) -m pytest -q
 
-chapters-quick: env
-	COLLISIONS_OUT=$(CURDIR)/_build/test $(PY) -m helpers.book execute --quick --device cpu --weights $(WEIGHTS) \
-		--seed $(SEED) --out $(CURDIR)/_build/test --force
+# Quick chapters and their book live in _build/quick (results/ and figures/ too): they never reach `make build`.
+quick-book: env
+	$(PY) -m helpers.book build --quick --device cpu --weights $(WEIGHTS) --seed $(SEED) --force
+
+# The reader's test: every page of the quick book in headless Chromium (screenshots in _build/screenshots).
+reader: env
+	$(PY) -m helpers.reader _build/quick/_build/html --results _build/quick/results --screenshots _build/screenshots
 
 test: env
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pytest && $(MAKE) --no-print-directory chapters-quick; rc=$$?; \
+	$(MAKE) --no-print-directory pytest && $(MAKE) --no-print-directory quick-book && \
+	$(MAKE) --no-print-directory reader; rc=$$?; \
 	echo "[make test] $$(( $$(date +%s) - start )) s"; exit $$rc
 
 clean:

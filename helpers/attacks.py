@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import page
+
 #: ASMA's parameters as the authors' reference implementation sets them (src/main.py of
 #: github.com/utkuozbulak/adaptive-segmentation-mask-attack): multiplier = beta * IoU + tau, 2501 iterations.
 ASMA_TAU = 1e-7
@@ -182,7 +184,6 @@ def asma(model: nn.Module, image: torch.Tensor, target: torch.Tensor, *, iterati
     target: (H, W) integer mask; classes: those the loss pushes toward (default: those in the target).
     Stops early when the IoU reaches ``stop_iou`` (1.0: only on a perfect match; None: never).
     """
-    from tqdm.auto import tqdm
 
     _check_pixels(image, "image")
     if image.shape[0] != 1:
@@ -208,7 +209,7 @@ def asma(model: nn.Module, image: torch.Tensor, target: torch.Tensor, *, iterati
         return iou
 
     stopped = False
-    for step in tqdm(range(iterations), desc="ASMA", disable=not progress, leave=False):
+    for step in page.progress(range(iterations), desc="ASMA", disable=not progress, leave=False):
         x.requires_grad_(True)
         logits = model(x)
         pred_loss = asma_loss(logits, target, classes)
@@ -500,7 +501,6 @@ def train_mnist_segmenter(device: str | torch.device = "cpu", *, train_size: int
     mode, foreground IoU on 2,000 test digits, 0..1)."""
     import hashlib
 
-    from tqdm.auto import tqdm
 
     from . import data, runtime
 
@@ -519,7 +519,7 @@ def train_mnist_segmenter(device: str | torch.device = "cpu", *, train_size: int
         model = model.to(device).train()
         optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
         steps = epochs * (train_size // 128)
-        bar = tqdm(total=steps, desc="train MNIST segmenter", disable=not progress, leave=False)
+        bar = page.progress(total=steps, desc="train MNIST segmenter", disable=not progress, leave=False)
         for _ in range(epochs):
             for batch in torch.randperm(train_size, generator=generator).split(128)[:train_size // 128]:
                 optimiser.zero_grad(set_to_none=True)
@@ -608,15 +608,17 @@ def classification_figure(images: Sequence[torch.Tensor], titles: Sequence[str],
     from . import plotting
 
     rows = 3 if reference is not None else 2
-    fig, axes = plt.subplots(rows, len(images), figsize=(2.6 * len(images), 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, len(images), figsize=(2.2 * len(images), 2.2 * rows), squeeze=False)
     probs, idx = top_k(model, torch.cat(list(images)), k)
     for j, (img, title) in enumerate(zip(images, titles)):
         axes[0, j].imshow(plotting.to_image(img).clip(0, 1), cmap="gray" if img.shape[1] == 1 else None)
         axes[0, j].set_title(title, fontsize=8)
         axes[0, j].axis("off")
         names = [str(class_names[i])[:18] if class_names else str(int(i)) for i in idx[j]]
-        axes[1, j].barh(range(k)[::-1], probs[j].numpy(), color="tab:blue")
-        axes[1, j].set_yticks(range(k)[::-1], names, fontsize=7)
+        axes[1, j].barh(range(k)[::-1], probs[j].numpy(), color="#9ecae1")
+        for y, name in zip(range(k)[::-1], names):  # names inside the panel: tick labels would squeeze the images
+            axes[1, j].text(0.02, y, name, transform=axes[1, j].get_yaxis_transform(), va="center", fontsize=7)
+        axes[1, j].set_yticks([])
         axes[1, j].set_xlim(0, max(1e-3, 1.1 * float(probs.max())))  # random weights: near-uniform
         axes[1, j].tick_params(axis="x", labelsize=7)
         if reference is not None:
@@ -671,28 +673,16 @@ def first_fooled(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
 
 
 def table(rows: dict[str, dict[str, Any]] | Sequence[dict[str, Any]], digits: int = 4) -> Any:
-    """A markdown table for the notebooks (no pandas needed): ``{row name: {column: value}}`` or a list of dicts.
-    Floats are shown with ``digits`` significant digits. Returns an IPython ``Markdown`` object (str outside IPython)."""
+    """A table for the notebooks: ``{row name: {column: value}}`` or a list of dicts, floats with ``digits``
+    significant digits. Returns an IPython ``HTML`` object (``page.table_html``; plain text outside IPython)."""
     if isinstance(rows, dict):
         rows = [{"": name, **values} for name, values in rows.items()]
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.{digits}g}"
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
-    text = "\n".join(lines)
     try:
-        from IPython.display import Markdown
+        from IPython.display import HTML
 
-        return Markdown(text)
+        return HTML(page.table_html(rows, digits=digits))
     except ImportError:
-        return text
+        return page.table_text(rows, digits=digits)
 
 
 # --- command line -------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 from torch import nn
 
-from . import runtime
+from . import page, runtime
 
 #: Bump when the matrix rule or the rank rule changes: cached audits with another version are ignored.
 RULE_VERSION = 1
@@ -289,7 +289,7 @@ def matrix_ranks(matrices: Sequence[torch.Tensor], *, dtype: torch.dtype = torch
     todo = list(range(len(matrices)))
     if method == "fast":
         todo = _certify_groups(matrices, dtype, rtol, dev, results)
-    for i in _maybe_tqdm(todo, progress, "SVD"):
+    for i in page.progress(todo, desc="SVD", leave=False, disable=not progress):
         rank, sigma = reference_rank(matrices[i], dtype, rtol, dev)
         ratio = float(sigma[-1] / sigma[0]) if sigma.numel() and sigma[0] > 0 else None
         results[i] = RankResult(rank, "svd", ratio)
@@ -327,14 +327,6 @@ def _certify_groups(matrices: Sequence[torch.Tensor], dtype: torch.dtype, rtol: 
                     else:
                         left.append(i)
     return sorted(left)
-
-
-def _maybe_tqdm(items: list[int], progress: bool, desc: str) -> Iterable[int]:
-    if not progress or not items:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False)
 
 
 # --- the audit of a model -------------------------------------------------------------------------------
@@ -653,15 +645,9 @@ def spectra(model: nn.Module, *, dtype: torch.dtype = torch.float64, device: tor
     """Singular values (descending, CPU, ``dtype``) of every weight matrix: the reference SVDs."""
     out = {}
     mats = weight_matrices(model, conv_transpose=conv_transpose)
-    for m in (_tqdm_list(mats, "spectra") if progress else mats):
+    for m in page.progress(mats, desc="spectra", leave=False, disable=not progress):
         out[m.name] = reference_rank(m.matrix, dtype, None, device)[1].cpu()
     return out
-
-
-def _tqdm_list(items: list, desc: str) -> Iterable:
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False)
 
 
 def sweep(spectra_by_name: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
@@ -726,7 +712,7 @@ def check_all_rows(rules: Sequence[ConvTransposeRule] = ("skip",),
     out: dict[str, list[RowCheck]] = {rule: [] for rule in rules}
     names = [(row, name) for row in rows for name in candidates(row)]
     built: dict[str, nn.Module] = {}
-    for row, name in (_tqdm_list(names, "shapes") if progress else names):
+    for row, name in page.progress(names, desc="shapes", leave=False, disable=not progress):
         model = built.setdefault(name, build_on_meta(name))
         for rule in rules:
             out[rule].append(check_row(row, name, structural_audit(model, conv_transpose=rule), rows[row]))
@@ -769,28 +755,15 @@ def table_row(row: str, paper_row: dict[str, Any], ours: ModelAudit, check: RowC
     return out
 
 
-def show_table(records: Sequence[dict[str, Any]], highlight: str | None = None) -> None:
-    """Display a list of dicts as an HTML table (plain text outside Jupyter); rows whose ``highlight``
-    column is truthy ("yes"/True) get a green background."""
-    import html as _html
-
-    if not records:
-        print("(empty table)")
-        return
-    cols = list(dict.fromkeys(k for r in records for k in r))
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            v = f"{v:.4g}"
-        return _html.escape(str(v))
-
-    body = "".join(
-        "<tr{}>{}</tr>".format(' style="background:#e8f5e9"' if highlight and r.get(highlight) in (True, "yes") else "",
-                               "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in cols)) for r in records)
-    text = f"<table><tr>{''.join(f'<th>{_html.escape(c)}</th>' for c in cols)}</tr>{body}</table>"
-    try:
-        from IPython.display import HTML, display
-
-        display(HTML(text))
-    except ImportError:
-        print("\n".join(" | ".join(cell(r.get(c, "")) for c in cols) for r in records))
+def page_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``table_row`` records (plus the float32 keys ``nu f32``, ``sum f32``, ``W1 f32``) as the page shows them:
+    one "ours / paper" cell per quantity and the explanations joined into one ``why`` note."""
+    out = []
+    for r in rows:
+        why = "; ".join(f"{c}: {r[f'{c} why']}" for c in ("n", "nu", "sum", "W1") if r.get(f"{c} why") not in (None, "same"))
+        out.append({"row": r["row"], "model": r["model"], "n": f"{r['n']} / {r['n (implied)']}",
+                    "μ": f"{r['mu']} / {r['mu paper']}", "ν": f"{r['nu']} / {r['nu paper']}",
+                    "Σ nullity": f"{r['sum']} / {r['sum paper']}", "nullity(W1)": f"{r['W1']} / {r['W1 paper']}",
+                    "float32 ν / Σ / W1": f"{r['nu f32']} / {r['sum f32']} / {r['W1 f32']}",
+                    "weights": r["weights"], "why": why})
+    return out

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from . import results
+from . import page, results
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "_build"
@@ -109,6 +109,7 @@ def execute(parameters: dict[str, object], out: Path, force: bool = False, only:
     import papermill
 
     os.environ.update(_kernel_env())
+    os.environ[page.STATIC_PROGRESS_ENV] = "1"
     executed = out / "executed"
     executed.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -155,27 +156,53 @@ def _tag(cell: dict, tag: str) -> None:
         tags.append(tag)
 
 
-def prepare_for_render(notebook: Path, target: Path) -> None:
-    """Copy an executed notebook for rendering: hide the Colab install cell and the default parameters cell.
+#: The Open-in-Colab badge image is remote; the rendered book uses a local copy so it shows offline.
+COLAB_BADGE_URL = "https://colab.research.google.com/assets/colab-badge.svg"
+LOCAL_COLAB_BADGE = "/_static/colab-badge.svg"
 
-    Papermill injects the parameters it ran with (tag ``injected-parameters``) right after the defaults; the
-    rendered page shows only the injected values, which are the ones that produced the outputs.
+
+def page_role(cell: dict) -> str:
+    """What a chapter cell is for the reader: ``plumbing`` (papermill parameters, the Colab install: removed
+    from the page), ``setup`` (``chapter.setup``: code shown, output folded), ``claims`` (the claims cell: code
+    folded, its result table shown), or ``content``."""
+    tags = cell.get("metadata", {}).get("tags", [])
+    source = "".join(cell.get("source", ""))
+    if cell["cell_type"] != "code":
+        return "content"
+    if "parameters" in tags or "injected-parameters" in tags or ("google.colab" in source and "pip install" in source):
+        return "plumbing"
+    if "chapter.setup(" in source:
+        return "setup"
+    if "claims" in tags or "results.Checks()" in source:
+        return "claims"
+    return "content"
+
+
+def prepare_for_render(notebook: Path, target: Path) -> None:
+    """Copy an executed notebook for rendering, with the plumbing out of the reader's way.
+
+    Parameters (the defaults and the values papermill injected) and the Colab install cell are removed from the
+    page (they stay in the notebook for Colab and papermill); the setup cell's output and the claims cell's code
+    are folded; the Colab badge points at a local image.
     """
     nb = json.loads(notebook.read_text())
-    injected = any("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"])
     for cell in nb["cells"]:
-        tags = cell.get("metadata", {}).get("tags", [])
-        source = "".join(cell.get("source", ""))
-        if cell["cell_type"] == "code" and "google.colab" in source and "pip install" in source:
+        role = page_role(cell)
+        if role == "plumbing":
             _tag(cell, "remove-cell")
-        elif "parameters" in tags and injected:
-            _tag(cell, "remove-cell")
+        elif role == "setup":
+            _tag(cell, "hide-output")
+        elif role == "claims":
+            _tag(cell, "hide-input")
+        if cell["cell_type"] == "markdown":
+            cell["source"] = "".join(cell["source"]).replace(COLAB_BADGE_URL, LOCAL_COLAB_BADGE)
     target.write_text(json.dumps(nb, indent=1))
     shutil.copystat(notebook, target)
 
 
-def stage(out: Path) -> Path:
-    """Assemble the book's source (config, pages, executed notebooks, scoreboard) under ``out/src``."""
+def stage(out: Path, outputs: Path) -> Path:
+    """Assemble the book's source (config, static files, pages, executed notebooks, scoreboard) under
+    ``out/src``; ``outputs`` is the folder that holds the chapters' ``results/`` and ``figures/``."""
     src = out / "src"
     if src.exists():
         shutil.rmtree(src)
@@ -183,6 +210,7 @@ def stage(out: Path) -> Path:
     for name in ("_config.yml", "_toc.yml", "references.bib", "logo.png"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "_static", src / "_static")
     for f in toc_files():
         source = out / "executed" / f"{Path(f).name}.ipynb" if (ROOT / f"{f}.ipynb").exists() else ROOT / f"{f}.md"
         if f == "scoreboard":
@@ -194,24 +222,23 @@ def stage(out: Path) -> Path:
             prepare_for_render(source, src / f"{f}.ipynb")
         else:
             shutil.copy2(source, src / f"{f}{source.suffix}")
-    if (ROOT / "figures").is_dir():
-        shutil.copytree(ROOT / "figures", src / "figures")
-    write_scoreboard(ROOT / "results", src / "scoreboard.md")
+    write_scoreboard(outputs / "results", src / "scoreboard.md")
     return src
 
 
-def render(src: Path) -> Path:
-    """Run Jupyter Book (execution off) on the staged source; HTML lands in ``_build/html``.
+def render(src: Path, path_output: Path) -> Path:
+    """Run Jupyter Book (execution off) on the staged source; HTML lands in ``path_output/_build/html``.
 
     Skipped when the staged source is byte-identical to the one the current HTML was rendered from.
     """
-    index, stamp = BUILD / "html" / "index.html", BUILD / "html" / ".source-hash"
+    html = path_output / "_build" / "html"
+    index, stamp = html / "index.html", html / ".source-hash"
     digest = _tree_digest([src])
     if index.exists() and stamp.exists() and stamp.read_text() == digest:
         print("[book] book source unchanged, HTML is up to date")
         return index
     jupyter_book = shutil.which("jupyter-book", path=str(Path(sys.executable).parent)) or "jupyter-book"
-    subprocess.run([jupyter_book, "build", str(src), "--path-output", str(ROOT)], check=True)
+    subprocess.run([jupyter_book, "build", str(src), "--path-output", str(path_output)], check=True)
     stamp.write_text(digest)
     return index
 
@@ -224,14 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="auto", choices=["auto", "pretrained", "random"])
     parser.add_argument("--quick", action="store_true", help="small sizes (what make test runs)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=BUILD, help="build folder (default _build)")
+    parser.add_argument("--out", type=Path, help="build folder (default: _build; _build/quick with --quick)")
     parser.add_argument("--force", action="store_true", help="re-execute even unchanged chapters")
     parser.add_argument("--only", nargs="*", help="chapter names (notebook stems) to execute")
     args = parser.parse_args(argv)
     parameters = {"device": args.device, "weights": args.weights, "quick": args.quick, "seed": args.seed}
-    out = args.out.resolve()
+    out = (args.out or (BUILD / "quick" if args.quick else BUILD)).resolve()
+    # The full build keeps results/ and figures/ in the repository; any other build keeps them in its own folder,
+    # so that quick numbers never reach the book.
+    outputs = ROOT if out == BUILD and not args.quick else out
+    os.environ["COLLISIONS_OUT"] = str(outputs)
     if args.action == "scoreboard":
-        write_scoreboard(ROOT / "results", out / "scoreboard.md")
+        write_scoreboard(outputs / "results", out / "scoreboard.md")
         return 0
     runs = execute(parameters, out, force=args.force, only=args.only)
     print_timings(runs)
@@ -241,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.action == "build":
         start = time.perf_counter()
-        index = render(stage(out))
+        index = render(stage(out, outputs), ROOT if out == BUILD else out)
         print(f"[book] rendered {index} in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -2,6 +2,7 @@
 
     ch = chapter.setup("fig1_resnet50", device=device, weights=weights, quick=quick, seed=seed)
     resnet = ch.load("resnet50")        # banner shown if the weights are random
+    ch.figure(fig, "fig1_tiled", "caption")  # shown on the page with its caption, saved to figures/
     ch.claim("fig1.same_top1", "same top-1 class", paper="same", ours=..., status=...)
     ch.save()                           # results/fig1_resnet50.json
 """
@@ -16,7 +17,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import torch
 
-from . import models, plotting, results, runtime
+from . import models, page, plotting, results, runtime
 
 
 @dataclass
@@ -30,13 +31,22 @@ class Chapter:
     seed: int
     loaded: dict[str, models.LoadedModel] = field(default_factory=dict)
     claims: list[results.Claim] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+    random_models: dict[str, models.LoadedModel] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
     def load(self, model_name: str, weights: str | None = None) -> models.LoadedModel:
-        """Load a registry model with the chapter's weights policy; shows the banner if it is random."""
+        """Load a registry model with the chapter's weights policy.
+
+        A model that runs with random weights joins the chapter's one random-weights banner (shown where the
+        first such model is loaded, and updated in place with every later one).
+        """
         loaded = models.load(model_name, weights or self.weights, self.device)  # type: ignore[arg-type]
         self.loaded[model_name] = loaded
-        results.banner(loaded)
+        if not loaded.is_pretrained:
+            self.random_models[model_name] = loaded
+            page.show_html(results.banner_html(self.random_models.values()),
+                              f"RANDOM weights: {model_name} ({loaded.detail})", display_id=f"{self.name}-random-weights-{id(self)}")
         return loaded
 
     @property
@@ -55,14 +65,17 @@ class Chapter:
         self.claims.append(c)
         return c
 
-    def savefig(self, fig: plt.Figure, name: str, caption: str = "") -> Path:
-        return plotting.savefig(fig, name, caption)
+    def figure(self, fig: plt.Figure, name: str, caption: str) -> None:
+        """Show ``fig`` on the page as "Figure k." with ``caption`` under it; save it as ``figures/<name>.png``."""
+        self.figures.append(name)
+        plotting.show_figure(fig, name, f"Figure {len(self.figures)}. {caption}")
 
     def save(self, extra: dict[str, Any] | None = None) -> Path:
         extra = dict(extra or {})
         extra.setdefault("models", {n: {"weights": m.weights, "detail": m.detail} for n, m in self.loaded.items()})
         extra.setdefault("seconds", round(time.perf_counter() - self.started, 2))
-        return results.save(self.name, self.claims, quick=self.quick, device=str(self.device), extra=extra)
+        return results.save(self.name, self.claims, quick=self.quick, device=str(self.device), extra=extra,
+                            figures=self.figures)
 
 
 def setup(name: str, *, device: str = "auto", weights: str = "auto", quick: bool = False, seed: int = 0) -> Chapter:

@@ -27,9 +27,8 @@ import torch
 import torchattacks
 from scipy import stats
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import data, results, train
+from . import data, page, results, train
 
 # --- the sweep ------------------------------------------------------------------------------------------
 
@@ -263,7 +262,7 @@ def run_sweep(configs: Sequence[train.TrainConfig], device: str | torch.device =
     """Train (or load from the configuration-hash cache) and measure every configuration; one row each."""
     images, labels = evaluation_subset(settings.eval_size, settings.seed)
     rows = []
-    for config in tqdm(configs, desc="width sweep", disable=not progress):
+    for config in page.progress(configs, desc="width sweep", disable=not progress):
         trained = train.train_mnist(config, device, progress=False)
         rows.append(measure_model(trained, images, labels, settings))
     return rows
@@ -413,8 +412,12 @@ def plot_risk_vs_metrics(rows: Sequence[dict[str, Any]], metrics: Sequence[str],
     the pooled Spearman ρ with its CI in the title when ``correlations`` is given."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.2), squeeze=False, sharey=True)
-    for ax, metric in zip(axes[0], metrics):
+    ncols = min(2, len(metrics))
+    nrows = (len(metrics) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.9 * nrows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    for ax, metric in zip(axes.flat, metrics):
         for f in dict.fromkeys(r["family"] for r in rows):
             sub = [r for r in rows if r["family"] == f]
             ax.scatter([r[metric] for r in sub], [r[risk] for r in sub], marker=_MARKERS.get(f, "o"), s=22,
@@ -425,7 +428,8 @@ def plot_risk_vs_metrics(rows: Sequence[dict[str, Any]], metrics: Sequence[str],
         ax.set_xlabel(METRICS.get(metric, metric))
         if correlations and metric in correlations:
             ax.set_title(f"ρ = {correlations[metric].text()}", fontsize=8)
-    axes[0][0].set_ylabel(risk_label or risk)
+    for row in axes:
+        row[0].set_ylabel(risk_label or risk)
     axes[0][0].legend(fontsize=7, title="family", title_fontsize=7)
     fig.tight_layout()
     return fig

@@ -212,7 +212,7 @@ def _build_timm(s: ModelSpec, pretrained: bool) -> LoadedModel:
             model = timm.create_model(s.builder, pretrained=True, **s.kwargs)
         except Exception as err:  # timm raises hub, URL or file errors depending on where weights live
             raise WeightsUnavailable(f"timm could not load pretrained {s.builder!r} "
-                                     f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from err
+                                     f"({type(err).__name__}: {' '.join(str(err).split())})") from err
     else:
         model = timm.create_model(s.builder, pretrained=False, **s.kwargs)
     transform = create_transform(**resolve_data_config({}, model=model))

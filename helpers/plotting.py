@@ -1,6 +1,8 @@
-"""The book's figure style and savers."""
+"""The book's figure style, and showing a figure on the page (with its caption) while saving it to ``figures/``."""
 from __future__ import annotations
 
+import base64
+import html
 from pathlib import Path
 from typing import Sequence
 
@@ -8,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from . import runtime
+from . import page, runtime
 
 STYLE = {
     "figure.dpi": 110,
@@ -23,16 +25,49 @@ STYLE = {
 }
 
 
+#: The widest figure (inches) that the book's output column (about 660 px at a 1280-px window) shows at half its
+#: 130-dpi pixel width or more, so that 7-pt text stays about 6 px high or more (the reader's test checks this).
+MAX_WIDTH_IN = 9.5
+
+
 def use_book_style() -> None:
     plt.rcParams.update(STYLE)
 
 
-def savefig(fig: plt.Figure, name: str, caption: str = "") -> Path:
-    """Save ``fig`` as ``figures/<name>.png`` (the caption, if any, is set as the figure's suptitle footer)."""
-    if caption:
-        fig.text(0.5, -0.02, caption, ha="center", va="top", fontsize=8, wrap=True, style="italic")
+def savefig(fig: plt.Figure, name: str) -> Path:
+    """Save ``fig`` as ``figures/<name>.png`` (130 dpi, tight box) and return the path."""
     path = runtime.figures_dir() / f"{name}.png"
-    fig.savefig(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
+    return path
+
+
+def figure_html(png: bytes, name: str, caption: str) -> str:
+    """An HTML ``<figure id="fig-<name>">`` with the PNG inline and ``caption`` as its ``<figcaption>``.
+
+    Inline, so the page needs no file beside it (Colab, the rendered book, an exported notebook alike).
+    """
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure class="collisions-figure" id="fig-{html.escape(name)}">'
+            f'<img src="data:image/png;base64,{data}" alt="{html.escape(caption or name)}" '
+            'style="max-width:100%;height:auto"/>'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def show_figure(fig: plt.Figure, name: str, caption: str) -> Path:
+    """Save ``fig`` to ``figures/<name>.png``, show it on the page with ``caption`` under it, and close it.
+
+    A figure wider than ``MAX_WIDTH_IN`` is narrowed to it first (so its text stays readable in the column).
+    Closing keeps an inline backend (Colab) from drawing the same figure a second time.
+    """
+    width, height = fig.get_size_inches()
+    if width > MAX_WIDTH_IN:  # shrink the canvas, not the text: fonts keep their size in points
+        fig.set_size_inches(MAX_WIDTH_IN, height * MAX_WIDTH_IN / width)
+        fig.tight_layout()
+    path = savefig(fig, name)
+    plt.close(fig)
+    page.show_html(figure_html(path.read_bytes(), name, caption), f"{name}.png: {caption}")
     return path
 
 

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from . import page
 
 if TYPE_CHECKING:
     import matplotlib.pyplot as plt
@@ -318,7 +319,7 @@ def optimise(split: ReluSplit, params0: Tensor, target_pre: Tensor, units: Tenso
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, config.steps, eta_min=config.lr / 100)
     curve = torch.empty(config.steps, device=device)
     with frozen(split.module):
-        for step in tqdm(range(config.steps), desc="vertex search", disable=not progress, leave=False):
+        for step in page.progress(range(config.steps), desc="vertex search", disable=not progress, leave=False):
             optimiser.zero_grad(set_to_none=True)
             u = params if decode is None else decode(params)
             l_plus, l_i = _li_losses(split.pre(u), target_pre, units)
@@ -454,7 +455,7 @@ def measure_polytopes(split: ReluSplit, targets: Tensor, polys: Polytopes, n_sam
     if len(targets) != polys.n_polytopes:
         raise ValueError(f"{len(targets)} targets for {polys.n_polytopes} polytopes; give one target per polytope")
     return [measure_polytope(split, t, v, n_samples, generator, batch, scale, keep_samples)
-            for t, v in tqdm(list(zip(targets, polys.vertices)), desc="sampling polytopes", disable=not progress,
+            for t, v in page.progress(list(zip(targets, polys.vertices)), desc="sampling polytopes", disable=not progress,
                              leave=False)]
 
 
@@ -519,7 +520,7 @@ def distance_sweep(split: ReluSplit, targets: Tensor, starts: Tensor, configs: S
     return rows
 
 
-def polytope_figure(rows: Sequence[dict[str, Any]], difference: bool = False, size: float = 1.5) -> "plt.Figure":
+def polytope_figure(rows: Sequence[dict[str, Any]], difference: bool = False, size: float = 1.1) -> "plt.Figure":
     """Li et al.'s Table 1/3/5 as a figure, one row per polytope.
 
     Each row: {"label": str, "target": (C,H,W), "vertices": (V,C,H,W), "samples": (S,C,H,W), optional "start":
@@ -529,7 +530,7 @@ def polytope_figure(rows: Sequence[dict[str, Any]], difference: bool = False, si
     """
     import matplotlib.pyplot as plt
 
-    from .plotting import to_image
+    from .plotting import MAX_WIDTH_IN, to_image
 
     def items(row: dict[str, Any]) -> list[tuple[str, Tensor]]:
         head = [("target", row["target"])] + ([("start", row["start"])] if row.get("start") is not None else [])
@@ -538,6 +539,7 @@ def polytope_figure(rows: Sequence[dict[str, Any]], difference: bool = False, si
             [(f"sample {i}", x) for i, x in enumerate(row["samples"])] + tail
 
     n_cols = max(len(items(r)) for r in rows)
+    size = min(size, MAX_WIDTH_IN / n_cols)
     fig, axes = plt.subplots(len(rows), n_cols, figsize=(size * n_cols, size * len(rows) + 0.3), squeeze=False)
     scale = max(float((torch.cat([r["vertices"], r["samples"]]) - r["target"]).abs().max()) for r in rows) \
         if difference else 1.0

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import runtime
+from . import page, runtime
 
 REPRODUCED = "reproduced"
 DIFFERS = "differs"
@@ -58,14 +58,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def save(chapter: str, claims: Iterable[Claim], *, quick: bool, device: str,
-         extra: dict[str, Any] | None = None) -> Path:
-    """Write ``results/<chapter>.json`` atomically and return its path."""
+         extra: dict[str, Any] | None = None, figures: Iterable[str] = ()) -> Path:
+    """Write ``results/<chapter>.json`` atomically and return its path (``figures``: names the chapter showed)."""
     payload = {
         "chapter": chapter,
         "quick": quick,
         "device": device,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "claims": [_jsonable(asdict(c)) for c in claims],
+        "figures": list(figures),
         "extra": _jsonable(extra or {}),
     }
     path = runtime.results_dir() / f"{chapter}.json"
@@ -85,52 +86,46 @@ class ClaimFailed(AssertionError):
     """A claims cell found a claim that must hold but does not; the build fails."""
 
 
+#: How a check's outcome reads on the page: a word (and a symbol that needs no emoji font).
+CHECK_OUTCOMES = {"passed": "✓ passed", "failed": "✗ failed", "skipped": "– skipped"}
+
+
 class Checks:
     """Collects the must-hold checks of a claims cell and fails the build (raises) if any is false."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[str, bool, str]] = []
+        self.items: list[tuple[str, str, str]] = []  # (what, outcome, measured)
 
     def require(self, ok: bool, what: str, measured: Any = "") -> None:
-        self.items.append((what, bool(ok), str(measured)))
+        self.items.append((what, "passed" if ok else "failed", str(measured)))
 
     def skip(self, what: str, why: str) -> None:
         """Record a check that cannot be made here (e.g. it needs trained weights)."""
-        self.items.append((what, True, f"not checked: {why}"))
+        self.items.append((what, "skipped", why))
+
+    def html(self) -> str:
+        rows = "".join(f'<tr class="check-{o}"><td class="check-outcome">{CHECK_OUTCOMES[o]}</td>'
+                       f"<td>{html.escape(w)}</td><td>{html.escape(m)}</td></tr>" for w, o, m in self.items)
+        return (f'<div class="collisions-table checks"><table><thead><tr><th>check</th><th>must hold</th>'
+                f"<th>measured</th></tr></thead><tbody>{rows}</tbody></table></div>")
 
     def finish(self) -> None:
-        rows = "".join(f"<tr><td>{'✅' if ok else '❌'}</td><td>{html.escape(w)}</td><td>{html.escape(m)}</td></tr>"
-                       for w, ok, m in self.items)
-        _display_html(f"<table><tr><th></th><th>must hold</th><th>measured</th></tr>{rows}</table>")
-        failed = [w for w, ok, _ in self.items if not ok]
+        text = "\n".join(f"{CHECK_OUTCOMES[o]:<10} {w}: {m}" for w, o, m in self.items)
+        page.show_html(self.html(), text)
+        failed = [w for w, o, _ in self.items if o == "failed"]
         if failed:
             raise ClaimFailed("claims that do not hold: " + "; ".join(failed))
 
 
-def _display_html(text: str) -> None:
-    try:
-        from IPython.display import HTML, display
-
-        display(HTML(text))
-    except ImportError:  # plain Python (command line): print a readable fallback
-        print(text)
-
-
-def banner(loaded: Any | Iterable[Any]) -> bool:
-    """Show a warning box if any of the given ``LoadedModel``s has random weights; return True if so."""
-    items = list(loaded) if isinstance(loaded, (list, tuple)) else [loaded]
-    random_ones = [m for m in items if not m.is_pretrained]
-    if not random_ones:
-        return False
+def banner_html(random_ones: Iterable[Any]) -> str:
+    """The random-weights warning for the given ``LoadedModel``s, each with the whole reason it fell back."""
     lines = "".join(f"<li><code>{html.escape(m.spec.name)}</code>: {html.escape(m.detail)}</li>" for m in random_ones)
-    _display_html(
-        '<div class="admonition warning" style="border-left:6px solid #d9534f;padding:0.6em 1em;background:#fdf2f2">'
-        "<p class='admonition-title'><b>⚠ Random weights.</b> Pretrained weights could not be loaded here, so "
-        "these models run with random initialisation. Everything that follows from the <i>shapes</i> of the "
-        "weights still holds; claims that need trained weights are reported as <i>not checkable with random "
-        f"weights</i>.</p><ul>{lines}</ul><p>Run on Colab, or with the checkpoints in the torch/timm cache, "
-        "for the trained numbers.</p></div>")
-    return True
+    return ('<div class="admonition warning random-weights">'
+            "<p class='admonition-title'>Random weights</p>"
+            "<p>Pretrained weights could not be loaded here, so the models below run with random initialisation. "
+            "Everything that follows from the <i>shapes</i> of the weights still holds; claims that need trained "
+            "weights are reported as <i>not checkable with random weights</i>. Run on Colab, or with the "
+            f"checkpoints in the torch/timm cache, for the trained numbers.</p><ul>{lines}</ul></div>")
 
 
 def _fmt(value: Any) -> str:
@@ -164,6 +159,12 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: Iterable[str] | None
     return "\n".join(lines + ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows])
 
 
+def status_badge(status: str) -> str:
+    """A status as inline HTML whose class gives it a colour on the page; the word is always there."""
+    slug = "".join(ch if ch.isalnum() else "-" for ch in status).strip("-")
+    return f'<span class="status status-{slug}">{html.escape(status)}</span>'
+
+
 def scoreboard_markdown(records: list[dict[str, Any]], chapter_titles: dict[str, str]) -> str:
     """The Reproduction scoreboard page (MyST markdown) from all results records: a table per chapter."""
     counts = {s: 0 for s in STATUSES}
@@ -173,7 +174,7 @@ def scoreboard_markdown(records: list[dict[str, Any]], chapter_titles: dict[str,
         rows = ["| status | claim | paper | ours | weights | reason |", "|---|---|---|---|---|---|"]
         for c in record["claims"]:
             counts[c["status"]] = counts.get(c["status"], 0) + 1
-            rows.append("| " + " | ".join([f"**{c['status']}**", _fmt(c["description"]), _fmt(c["paper"]),
+            rows.append("| " + " | ".join([status_badge(c["status"]), _fmt(c["description"]), _fmt(c["paper"]),
                                             _fmt(c["ours"]), _fmt(c["weights"]), _fmt(c["reason"])]) + " |")
         mode = " (quick mode)" if record.get("quick") else ""
         sections += [f"## [{title}](chapters/{record['chapter']}.ipynb){mode}", "", *rows, ""]

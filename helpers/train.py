@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import data, mnist_models, runtime
+from . import data, mnist_models, page, runtime
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ def train_mnist(config: TrainConfig, device: str | torch.device = "cpu", progres
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     steps = config.epochs * ((len(images) + config.batch_size - 1) // config.batch_size)
-    bar = tqdm(total=steps, desc=f"train {config.kind} {config.kwargs}", disable=not progress, leave=False)
+    bar = page.progress(total=steps, desc=f"train {config.kind} {config.kwargs}", disable=not progress, leave=False)
     model.train()
     for _ in range(config.epochs):
         order = torch.randperm(len(images), generator=generator).to(device)

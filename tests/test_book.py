@@ -47,7 +47,8 @@ def test_scoreboard_lists_claims(tmp_path) -> None:
     records = results.load_all(path.parent)
     page = results.scoreboard_markdown([r for r in records if r["chapter"] == "demo"], {"demo": "Demo"})
     assert "## [Demo](chapters/demo.ipynb)" in page
-    assert "| **differs** | a claim | 84 | 83 | random | trained weights add one |" in page
+    assert ('| <span class="status status-differs">differs</span> | a claim | 84 | 83 | random | '
+            "trained weights add one |") in page
     assert "**1 differs.**" in page
 
 

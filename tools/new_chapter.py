@@ -39,7 +39,7 @@ def skeleton(path: str, title: str, claim: str, plan: str, issue: str = "") -> n
         new_markdown_cell(f"# {title}\n\n{badge}"),
         params,
         new_code_cell(COLAB_CELL.format(repo=REPO)),
-        new_code_cell("from helpers import chapter, paper, results\n\n"
+        new_code_cell("from helpers import chapter, page, paper, results\n\n"
                       f'ch = chapter.setup("{name}", device=device, weights=weights, quick=quick, seed=seed)'),
         new_markdown_cell(f"## The claim\n\n{claim}"),
         new_markdown_cell(f"## Plan\n\n{plan}"),
