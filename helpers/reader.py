@@ -109,7 +109,8 @@ _CHECK_JS = """
 const names = arguments[0], tol = arguments[1], maxReports = arguments[2], minScale = arguments[3];
 const loaded = i => i.complete && i.naturalWidth > 0 || i.dataset.readerOk === '1';
 const out = {height: document.documentElement.scrollHeight, figures: {}, broken: [], overflow: [], overflowTotal: 0,
-             nFigures: document.querySelectorAll('figure.collisions-figure').length};
+             nFigures: document.querySelectorAll('figure.collisions-figure').length,
+             nTables: document.querySelectorAll('article table').length};
 const figImgs = new Set();
 for (const name of names) {
   const img = document.querySelector('figure#' + CSS.escape('fig-' + name) + ' img');
@@ -195,8 +196,8 @@ def _start_browser(chromium: str, chromedriver: str, profile: str) -> Any:
 
 
 def _check_page(driver: Any, html_dir: Path, path: Path, figures: list[str],
-                screenshots: Path) -> tuple[list[Problem], int, int]:
-    """Open one page, check it, screenshot it: (problems, height in CSS px, figures on the page)."""
+                screenshots: Path) -> tuple[list[Problem], int, int, int]:
+    """Open one page, check it, screenshot it: (problems, height in CSS px, figures and tables on the page)."""
     from selenium.common.exceptions import TimeoutException
 
     page = path.relative_to(html_dir).as_posix()
@@ -224,7 +225,7 @@ def _check_page(driver: Any, html_dir: Path, path: Path, figures: list[str],
         "format": "png", "captureBeyondViewport": True,
         "clip": {"x": 0, "y": 0, "width": WINDOW_PX[0], "height": min(height, MAX_SHOT_PX), "scale": 1}})
     (screenshots / page.replace("/", "__").replace(".html", ".png")).write_bytes(base64.b64decode(shot["data"]))
-    return problems, height, int(got["nFigures"])
+    return problems, height, int(got["nFigures"]), int(got["nTables"])
 
 
 def check_book(html_dir: Path, results_dir: Path | None, screenshots: Path,
@@ -242,6 +243,7 @@ def check_book(html_dir: Path, results_dir: Path | None, screenshots: Path,
     pages = book_pages(html_dir)
     problems: list[Problem] = []
     heights: dict[str, int] = {}
+    shown: dict[str, dict[str, int]] = {}
     known = {p.relative_to(html_dir).as_posix() for p in pages}
     for page, names in expected.items():
         if page not in known:
@@ -251,15 +253,16 @@ def check_book(html_dir: Path, results_dir: Path | None, screenshots: Path,
         try:
             for path in pages:
                 page = path.relative_to(html_dir).as_posix()
-                found, heights[page], n_figures = _check_page(driver, html_dir, path, expected.get(page, []),
-                                                              screenshots)
+                found, heights[page], n_figures, n_tables = _check_page(driver, html_dir, path,
+                                                                        expected.get(page, []), screenshots)
+                shown[page] = {"figures": n_figures, "tables": n_tables}
                 problems += found
                 if log:
                     summary = "ok" if not found else "; ".join(f"{p.what}: {p.detail}" for p in found)
-                    log(f"[reader] {page}: {heights[page]} px, {n_figures} figures, {summary}")
+                    log(f"[reader] {page}: {heights[page]} px, {n_figures} figures, {n_tables} tables, {summary}")
         finally:
             driver.quit()
-    report = {"heights_px": heights, "problems": [asdict(p) for p in problems]}
+    report = {"heights_px": heights, "shown": shown, "problems": [asdict(p) for p in problems]}
     (screenshots / "report.json").write_text(json.dumps(report, indent=1))
     return problems, heights
 
