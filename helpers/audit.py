@@ -761,9 +761,10 @@ def page_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         why = "; ".join(f"{c}: {r[f'{c} why']}" for c in ("n", "nu", "sum", "W1") if r.get(f"{c} why") not in (None, "same"))
-        out.append({"row": r["row"], "model": r["model"], "n": f"{r['n']} / {r['n (implied)']}",
-                    "μ": f"{r['mu']} / {r['mu paper']}", "ν": f"{r['nu']} / {r['nu paper']}",
-                    "Σ nullity": f"{r['sum']} / {r['sum paper']}", "nullity(W1)": f"{r['W1']} / {r['W1 paper']}",
+        pair = "{} / {}".replace(" ", "\u00a0")  # short pairs never wrap at the slash
+        out.append({"row": r["row"], "model": r["model"], "n": pair.format(r["n"], r["n (implied)"]),
+                    "μ": pair.format(r["mu"], r["mu paper"]), "ν": pair.format(r["nu"], r["nu paper"]),
+                    "Σ nullity": f"{r['sum']} / {r['sum paper']}", "nullity(W1)": pair.format(r["W1"], r["W1 paper"]),
                     "float32 ν / Σ / W1": f"{r['nu f32']} / {r['sum f32']} / {r['W1 f32']}",
                     "weights": r["weights"], "why": why})
     return out

@@ -1,7 +1,7 @@
 """Build the book: execute chapters with papermill (content-hash cached), write the scoreboard, render.
 
     python -m helpers.book build               # execute changed chapters, scoreboard, jupyter-book (make build)
-    python -m helpers.book execute --quick --device cpu --out _build/test --force   # (make test)
+    python -m helpers.book build --quick --device cpu --force   # (make test: chapters, book and results in _build/quick)
 
 Chapters are the notebooks listed in ``_toc.yml``. A chapter is re-executed only when its notebook, its
 parameters, the ``helpers`` package or the pinned requirements change.

@@ -78,7 +78,8 @@ def table_html(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
     note_texts: list[str] = []
     body = []
     for r in rows:
-        cells = [html.escape(labels.get(v, v) if isinstance(v, str) else cell_text(v, digits))
+        # snake_case names may break after an underscore rather than widen the table
+        cells = [html.escape(labels.get(v, v) if isinstance(v, str) else cell_text(v, digits)).replace("_", "_<wbr>")
                  for v in (r.get(c) for c in shown)]
         refs = []
         for key in notes:
@@ -92,7 +93,6 @@ def table_html(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
             cells.append(", ".join(refs) or "—")
         attrs = ' class="highlight-row"' if highlight and r.get(highlight) in (True, "yes") else ""
         body.append(f"<tr{attrs}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    # long snake_case headers may break after an underscore rather than squeezing the data columns
     heads = [html.escape(labels.get(c, c)).replace("_", "_<wbr>") for c in shown] + (["note"] if notes else [])
     head = "<tr>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr>"
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""

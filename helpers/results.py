@@ -117,15 +117,25 @@ class Checks:
             raise ClaimFailed("claims that do not hold: " + "; ".join(failed))
 
 
+#: A banner lists up to this many models openly; more are folded into a <details> block.
+BANNER_OPEN_UP_TO = 4
+
+
 def banner_html(random_ones: Iterable[Any]) -> str:
     """The random-weights warning for the given ``LoadedModel``s, each with the whole reason it fell back."""
+    random_ones = list(random_ones)
     lines = "".join(f"<li><code>{html.escape(m.spec.name)}</code>: {html.escape(m.detail)}</li>" for m in random_ones)
+    if len(random_ones) > BANNER_OPEN_UP_TO:  # a long list folds; every reason is one click away
+        lines = (f"<details><summary>{len(random_ones)} models, each with the reason it fell back</summary>"
+                 f"<ul>{lines}</ul></details>")
+    else:
+        lines = f"<ul>{lines}</ul>"
     return ('<div class="admonition warning random-weights">'
             "<p class='admonition-title'>Random weights</p>"
             "<p>Pretrained weights could not be loaded here, so the models below run with random initialisation. "
             "Everything that follows from the <i>shapes</i> of the weights still holds; claims that need trained "
             "weights are reported as <i>not checkable with random weights</i>. Run on Colab, or with the "
-            f"checkpoints in the torch/timm cache, for the trained numbers.</p><ul>{lines}</ul></div>")
+            f"checkpoints in the torch/timm cache, for the trained numbers.</p>{lines}</div>")
 
 
 def _fmt(value: Any) -> str:

@@ -40,7 +40,12 @@ def test_table_moves_long_explanations_to_notes() -> None:
     assert "<th>ν</th>" in text and "<th>why</th>" not in text and "<th>note</th>" in text
     assert text.count("training lowered a rank") == 1, "a repeated note is listed once"
     assert "<td>1.235</td>" in text and "<td>—</td>" in text
+    assert "<td>a_<wbr>long_<wbr>name</td>" in display_long_name()
     assert "<ol class='table-notes'><li>why: training lowered a rank</li></ol>" in text
+
+
+def display_long_name() -> str:
+    return page.table_html([{"model": "a_long_name"}])
 
 
 def test_table_text_for_the_command_line() -> None:
@@ -64,7 +69,9 @@ def test_banner_lists_every_random_model_with_its_whole_reason() -> None:
     models = [SimpleNamespace(spec=SimpleNamespace(name="deit_tiny"), detail=reason),
               SimpleNamespace(spec=SimpleNamespace(name="resnet50"), detail="no network")]
     text = results.banner_html(models)
-    assert text.count("<li>") == 2 and "end of message)" in text and "resnet50" in text
+    assert text.count("<li>") == 2 and "end of message)" in text and "resnet50" in text and "<details>" not in text
+    many = results.banner_html(models * 3)
+    assert many.count("<li>") == 6 and "<details><summary>6 models" in many
 
 
 def test_one_banner_per_chapter_updated_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,3 +141,15 @@ def test_wide_figures_are_narrowed_to_the_column() -> None:
 
     width_px = Image.open(path).size[0]
     assert width_px <= plotting.MAX_WIDTH_IN * plotting.STYLE["savefig.dpi"] * 1.05
+
+
+def test_table1_page_rows_pair_ours_with_the_paper() -> None:
+    from helpers import audit
+
+    record = {"row": "AlexNet", "model": "alexnet", "n": 8, "n (implied)": "8", "mu": 7, "mu paper": 7,
+              "nu": 7, "nu paper": 8, "sum": 16515, "sum paper": 16547, "W1": 299, "W1 paper": 299,
+              "nu why": "trained weights / tolerance", "sum why": "same", "W1 why": "same",
+              "nu f32": 8, "sum f32": 16518, "W1 f32": 299, "weights": "random"}
+    row = audit.page_rows([record])[0]
+    assert row["ν"] == "7\u00a0/\u00a08" and row["Σ nullity"] == "16515 / 16547"
+    assert row["why"] == "nu: trained weights / tolerance" and row["float32 ν / Σ / W1"] == "8 / 16518 / 299"
