@@ -157,13 +157,7 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: Iterable[str] | None
     labels = labels or {}
 
     def cell(v: Any) -> str:
-        if hasattr(v, "text") and callable(v.text):
-            return v.text()
-        if isinstance(v, float):
-            return f"{v:.{digits}g}"
-        if isinstance(v, str):
-            v = labels.get(v, v)
-        return "—" if v is None else str(v).replace("|", "\\|")
+        return page.cell_text(labels.get(v, v) if isinstance(v, str) else v, digits).replace("|", "\\|")
 
     lines = ["| " + " | ".join(labels.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows])
