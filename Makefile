@@ -58,7 +58,7 @@ quick-book: env
 
 # The reader's test: every page of the quick book in headless Chromium (screenshots in _build/screenshots).
 reader: env
-	$(PY) -m helpers.reader _build/quick/_build/html --results _build/quick/results --screenshots _build/screenshots
+	$(PY) -m helpers.book.reader _build/quick/_build/html --results _build/quick/results --screenshots _build/screenshots
 
 test: env
 	@start=$$(date +%s); \

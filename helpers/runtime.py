@@ -3,6 +3,7 @@
 Everything that depends on the machine (GPU or not, online or not, where files go) is decided here once,
 so that chapters and the command line behave the same way.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,6 +17,7 @@ import torch
 
 #: Hosts the pretrained-weight loaders need; if none answers, the book is offline.
 _WEIGHT_HOSTS = (("download.pytorch.org", 443), ("huggingface.co", 443))
+
 
 VALID_DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 

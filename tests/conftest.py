@@ -1,4 +1,5 @@
 """Shared test setup: offline mode, scratch output/cache folders, MNIST from the shared data folder."""
+
 from __future__ import annotations
 
 import os
@@ -23,5 +24,7 @@ def mnist_available() -> bool:
     return bool(root) and (Path(root) / "MNIST" / "raw").is_dir()
 
 
-needs_mnist = pytest.mark.skipif(not mnist_available() and not (SHARED_DATA / "MNIST" / "raw").is_dir(),
-                                 reason="MNIST not available (set COLLISIONS_DATA)")
+needs_mnist = pytest.mark.skipif(
+    not mnist_available() and not (SHARED_DATA / "MNIST" / "raw").is_dir(),
+    reason="MNIST not available (set COLLISIONS_DATA)",
+)

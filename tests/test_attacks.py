@@ -1,17 +1,22 @@
 """helpers.attacks: PGD glue, ASMA, pixel-space kernels and colliding adversarial examples (small seeded models)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import attacks, nullspace
+from helpers.data import normalization
+from helpers.experiments import attacks, collisions
+from helpers.linalg import kernels
+from helpers.models import segmentation
 
 
 def _patch_classifier(seed: int = 0, patch: int = 4, embed: int = 6) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, embed, patch, stride=patch), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(embed * (16 // patch) ** 2, 5)).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, embed, patch, stride=patch), nn.ReLU(), nn.Flatten(), nn.Linear(embed * (16 // patch) ** 2, 5)
+    ).eval()
 
 
 def _images(seed: int = 1, n: int = 1, c: int = 3, size: int = 16) -> torch.Tensor:
@@ -19,8 +24,8 @@ def _images(seed: int = 1, n: int = 1, c: int = 3, size: int = 16) -> torch.Tens
 
 
 def test_pixel_space_kernel_accounts_for_std() -> None:
-    model = attacks.PixelSpace(_patch_classifier(), mean=(0.4, 0.5, 0.6), std=(0.2, 0.5, 1.5))
-    kernel = attacks.pixel_kernel(model, (3, 16, 16))
+    model = normalization.PixelSpace(_patch_classifier(), mean=(0.4, 0.5, 0.6), std=(0.2, 0.5, 1.5))
+    kernel = kernels.pixel_kernel(model, (3, 16, 16))
     assert kernel.patch == (4, 4) and kernel.nullity == 48 - 6
     layer = model.model[0]
     std = model.std.double().view(1, 3, 1, 1)
@@ -29,61 +34,61 @@ def test_pixel_space_kernel_accounts_for_std() -> None:
     # in the kernel of the layer as seen from pixels (W applied to p / std) ...
     assert torch.nn.functional.conv2d(v / std, w).abs().max() < 1e-12
     # ... while the layer's own kernel vector, used as a pixel perturbation unscaled, is not
-    raw = nullspace.kernel_basis(layer).vectors[:1]
+    raw = kernels.kernel_basis(layer).vectors[:1]
     assert torch.nn.functional.conv2d(raw / std, w).abs().max() > 1e-3
 
 
 def test_pgd_glue_stays_in_budget() -> None:
-    model = attacks.PixelSpace(_patch_classifier())
+    model = normalization.PixelSpace(_patch_classifier())
     x = _images(n=4)
     y = model(x).argmax(1)
     adv = attacks.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=5)
     assert (adv - x).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     assert torch.nn.functional.cross_entropy(model(adv), y) > torch.nn.functional.cross_entropy(model(x), y)
-    with pytest.raises(attacks.AttackInputError, match="pixels in"):
+    with pytest.raises(normalization.PixelInputError, match="pixels in"):
         attacks.pgd(model, x * 3, y)
 
 
 def test_colliding_adversarials_are_exact_within_budget_and_distinct() -> None:
-    model = attacks.PixelSpace(_patch_classifier(), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 0.3))
+    model = normalization.PixelSpace(_patch_classifier(), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 0.3))
     x = _images()
     adv = (x + 0.01 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(3)))).clamp(0, 1)
     eps = 0.03
-    twins = attacks.colliding_adversarials(model, x, adv, eps=eps, n=20, seed=0)
-    report = attacks.describe_colliding(model, twins)
+    twins = collisions.colliding_adversarials(model, x, adv, eps=eps, n=20, seed=0)
+    report = collisions.describe_colliding(model, twins)
     assert report["n"] == report["distinct"] == report["keep_adversarial_prediction"] == 20
     assert report["within_eps"] and report["in_range"]
     assert report["max_rel_output_change"] < 1e-5
     assert report["perturbation_linf_median"] > 0.005  # really perturbed, not just copies of x'
-    res = nullspace.collision_residuals(model, adv.expand(20, -1, -1, -1), twins.images)
+    res = collisions.collision_residuals(model, adv.expand(20, -1, -1, -1), twins.images)
     assert res["first_layer_rel"] < 1e-5
 
 
 def test_linear_first_layer_and_pinned_pixels() -> None:
     torch.manual_seed(0)
-    mlp = attacks.PixelSpace(nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 3)))
+    mlp = normalization.PixelSpace(nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 3)))
     x = _images(c=1, size=8)
     x[..., :2, :] = 0.0  # black rows: pixels at 0 can only go up, so they stay untouched
     adv = x.clone()
-    twins = attacks.colliding_adversarials(mlp, x, adv, eps=0.05, n=5)
+    twins = collisions.colliding_adversarials(mlp, x, adv, eps=0.05, n=5)
     assert twins.images[..., :2, :].eq(0).all()
     assert (twins.images - x).abs().max() <= 0.05 + 1e-6 and (twins.perturbations.abs().amax((1, 2, 3)) > 0).all()
     assert (mlp(twins.images) - mlp(adv)).abs().max() < 1e-5
 
 
 def test_attack_that_uses_the_whole_budget_leaves_no_twin() -> None:
-    model = attacks.PixelSpace(_patch_classifier())
+    model = normalization.PixelSpace(_patch_classifier())
     x = _images()
     eps = 0.02
     adv = x + eps * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(5)))
-    twins = attacks.colliding_adversarials(model, x, adv, eps=eps, n=3)
+    twins = collisions.colliding_adversarials(model, x, adv, eps=eps, n=3)
     assert twins.perturbations.abs().max() == 0  # every pixel sits at the budget: one-sided, pinned
 
 
 def test_overlapping_conv_is_refused() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Flatten())
-    with pytest.raises(attacks.NotExactError, match="overlapping"):
-        attacks.pixel_kernel(model, (3, 16, 16))
+    with pytest.raises(kernels.NotExactError, match="overlapping"):
+        kernels.pixel_kernel(model, (3, 16, 16))
 
 
 def test_mask_iou() -> None:
@@ -91,17 +96,17 @@ def test_mask_iou() -> None:
     b = torch.tensor([[1, 1], [0, 1]])
     assert attacks.mask_iou(a, b) == pytest.approx(2 / 4)
     assert attacks.mask_iou(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long)) == 1.0
-    with pytest.raises(attacks.AttackInputError):
+    with pytest.raises(normalization.PixelInputError):
         attacks.mask_iou(a, b[:1])
 
 
-def _threshold_segmenter() -> attacks.PixelSpace:
+def _threshold_segmenter() -> normalization.PixelSpace:
     """Known weights: class 1 iff pixel > 0.5 (logits -5(x - 0.5), 5(x - 0.5))."""
     conv = nn.Conv2d(1, 2, 1)
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([-5.0, 5.0]).view(2, 1, 1, 1))
         conv.bias.copy_(torch.tensor([2.5, -2.5]))
-    return attacks.PixelSpace(conv).eval()
+    return normalization.PixelSpace(conv).eval()
 
 
 def test_asma_moves_prediction_toward_target_mask() -> None:
@@ -122,9 +127,9 @@ def test_asma_moves_prediction_toward_target_mask() -> None:
 
 
 def test_asma_rejects_bad_targets() -> None:
-    seg = attacks.PixelSpace(attacks.patch_segmenter(patch=4, embed=8, width=8))
+    seg = normalization.PixelSpace(segmentation.patch_segmenter(patch=4, embed=8, width=8))
     x = _images(c=1, size=16)
-    with pytest.raises(attacks.AttackInputError, match="integer"):
+    with pytest.raises(normalization.PixelInputError, match="integer"):
         attacks.asma(seg, x, torch.zeros(16, 16), iterations=1)
-    with pytest.raises(attacks.AttackInputError, match="one image"):
+    with pytest.raises(normalization.PixelInputError, match="one image"):
         attacks.asma(seg, torch.cat([x, x]), torch.zeros(16, 16, dtype=torch.long), iterations=1)

@@ -1,11 +1,13 @@
 """The Table 1 audit: the matrix rule on hand-built layers with known ranks, fast == reference, the CLI."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import audit
+from helpers.experiments import audit, table1
+from helpers.linalg import rank_rule
 
 
 def _rank_r(rows: int, cols: int, r: int, seed: int = 0) -> torch.Tensor:
@@ -30,8 +32,10 @@ def test_conv_linear_and_attention_matrix_rule() -> None:
     assert mats[0].shape == (8, 27) and mats[0].kind == "conv" and mats[0].structural_nullity == 19
     assert mats[1].shape == (4, 10) and mats[1].kind == "linear"
     mha = audit.weight_matrices(nn.MultiheadAttention(16, 4))
-    assert [(m.name, m.shape, m.kind) for m in mha] == [("in_proj_weight", (48, 16), "attention"),
-                                                        ("out_proj.weight", (16, 16), "attention")]
+    assert [(m.name, m.shape, m.kind) for m in mha] == [
+        ("in_proj_weight", (48, 16), "attention"),
+        ("out_proj.weight", (16, 16), "attention"),
+    ]
 
 
 def test_grouped_conv_is_out_by_in_over_groups_times_kernel_with_known_rank() -> None:
@@ -73,27 +77,27 @@ def test_fast_equals_reference_near_the_threshold(dtype: torch.dtype) -> None:
     mats = []
     for i, (rows, cols) in enumerate([(40, 90), (90, 40), (60, 60)]):
         p = min(rows, cols)
-        tol = audit.default_rtol((rows, cols), dtype)
+        tol = rank_rule.default_rtol((rows, cols), dtype)
         for factor in (0.3, 1.0, 3.0, 30.0, 1e4):
             sigma = torch.linspace(1.0, 0.5, p, dtype=torch.float64)
             sigma[-1] = factor * tol
             mats.append(_with_spectrum(rows, cols, sigma, seed=i).to(dtype))
         mats.append(torch.randn(rows, cols, dtype=dtype))
         mats.append(torch.zeros(rows, cols, dtype=dtype))
-    fast = audit.matrix_ranks(mats, dtype=dtype, method="fast")
-    ref = audit.matrix_ranks(mats, dtype=dtype, method="reference")
+    fast = rank_rule.matrix_ranks(mats, dtype=dtype, method="fast")
+    ref = rank_rule.matrix_ranks(mats, dtype=dtype, method="reference")
     assert [f.rank for f in fast] == [r.rank for r in ref]
     assert any(f.method.startswith("certified") for f in fast) and any(f.method == "svd" for f in fast)
 
 
 def test_reference_rank_matches_torch_matrix_rank() -> None:
     w = _rank_r(30, 50, 7).double()
-    assert audit.reference_rank(w)[0] == int(torch.linalg.matrix_rank(w)) == 7
+    assert rank_rule.reference_rank(w)[0] == int(torch.linalg.matrix_rank(w)) == 7
 
 
 def test_implied_n_uses_truncated_percentages() -> None:
-    assert 8 in audit.implied_n(7, 87)  # 87.5% printed 87%
-    assert audit.implied_n(36, 66) & audit.implied_n(33, 61) == {54}
+    assert 8 in table1.implied_n(7, 87)  # 87.5% printed 87%
+    assert table1.implied_n(36, 66) & table1.implied_n(33, 61) == {54}
 
 
 def test_audit_is_cached_by_weight_fingerprint(tmp_path, monkeypatch) -> None:
@@ -116,7 +120,7 @@ def test_bad_input_is_rejected_clearly() -> None:
 
 
 def test_cli_audits_a_model_and_rejects_unknown_ones(capsys: pytest.CaptureFixture[str]) -> None:
-    from helpers.__main__ import main
+    from helpers.cli import main
 
     assert main(["audit", "squeezenet1_1", "--weights", "random", "--json"]) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,5 @@
 """The book's structure: toc, chapter notebooks (parameters, no outputs), results and scoreboard, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -7,20 +8,20 @@ import sys
 
 import pytest
 
-from helpers import book, results
+from helpers.book import pipeline, results
 
 REQUIRED_PARAMETERS = ("device", "weights", "quick", "seed")
 
 
 def test_every_toc_entry_has_a_source() -> None:
-    for entry in book.toc_files():
+    for entry in pipeline.toc_files():
         if entry == "scoreboard":
             continue
-        assert (book.ROOT / f"{entry}.ipynb").exists() or (book.ROOT / f"{entry}.md").exists(), entry
-    assert len(book.chapter_notebooks()) >= 10
+        assert (pipeline.ROOT / f"{entry}.ipynb").exists() or (pipeline.ROOT / f"{entry}.md").exists(), entry
+    assert len(pipeline.chapter_notebooks()) >= 10
 
 
-@pytest.mark.parametrize("notebook", book.chapter_notebooks(), ids=lambda p: p.stem)
+@pytest.mark.parametrize("notebook", pipeline.chapter_notebooks(), ids=lambda p: p.stem)
 def test_chapter_notebook_shape(notebook) -> None:
     nb = json.loads(notebook.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
@@ -34,21 +35,23 @@ def test_chapter_notebook_shape(notebook) -> None:
 
 
 def test_content_hash_tracks_notebook_and_parameters() -> None:
-    nb = book.chapter_notebooks()[0]
-    base = book.content_hash(nb, {"quick": False})
-    assert base == book.content_hash(nb, {"quick": False})
-    assert base != book.content_hash(nb, {"quick": True})
+    nb = pipeline.chapter_notebooks()[0]
+    base = pipeline.content_hash(nb, {"quick": False})
+    assert base == pipeline.content_hash(nb, {"quick": False})
+    assert base != pipeline.content_hash(nb, {"quick": True})
 
 
 def test_scoreboard_lists_claims(tmp_path) -> None:
-    claim = results.Claim("x.y", "a claim", paper=84, ours=83, status=results.DIFFERS, weights="random",
-                          reason="trained weights add one")
+    claim = results.Claim(
+        "x.y", "a claim", paper=84, ours=83, status=results.DIFFERS, weights="random", reason="trained weights add one"
+    )
     path = results.save("demo", [claim], quick=False, device="cpu")
     records = results.load_all(path.parent)
     page = results.scoreboard_markdown([r for r in records if r["chapter"] == "demo"], {"demo": "Demo"})
     assert "## [Demo](chapters/demo.ipynb)" in page
-    assert ('| <span class="status status-differs">differs</span> | a claim | 84 | 83 | random | '
-            "trained weights add one |") in page
+    assert (
+        '| <span class="status status-differs">differs</span> | a claim | 84 | 83 | random | trained weights add one |'
+    ) in page
     assert "**1 differs.**" in page
 
 
@@ -66,9 +69,18 @@ def test_checks_fail_the_build() -> None:
 
 
 def test_cli_lists_models_and_rejects_unknown_ones() -> None:
-    listed = subprocess.run([sys.executable, "-m", "helpers", "models", "--json"], capture_output=True, text=True,
-                            cwd=book.ROOT, check=True)
+    listed = subprocess.run(
+        [sys.executable, "-m", "helpers", "models", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=pipeline.ROOT,
+        check=True,
+    )
     assert any(row["name"] == "resnet50" for row in json.loads(listed.stdout))
-    bad = subprocess.run([sys.executable, "-m", "helpers", "load", "resnet51", "--weights", "random"],
-                         capture_output=True, text=True, cwd=book.ROOT)
+    bad = subprocess.run(
+        [sys.executable, "-m", "helpers", "load", "resnet51", "--weights", "random"],
+        capture_output=True,
+        text=True,
+        cwd=pipeline.ROOT,
+    )
     assert bad.returncode == 2 and "unknown model 'resnet51'" in bad.stderr and "resnet50" in bad.stderr

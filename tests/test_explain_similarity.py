@@ -1,22 +1,25 @@
 """helpers.explain and helpers.similarity on a seeded patch model and an exact colliding pair."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import explain, nullspace, similarity
+from helpers.experiments import collisions, explain, similarity
+from helpers.linalg import kernels
 
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 6, 4, stride=4), nn.ReLU(), nn.Conv2d(6, 8, 1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(8 * 16, 4)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 4, stride=4), nn.ReLU(), nn.Conv2d(6, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4)
+    ).eval()
     x = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     layer = model[0]
-    phi = nullspace.kernel_basis(layer).random_vector(torch.Generator().manual_seed(2))
-    x_hat = nullspace.null_space_search(x, layer, phi, beta=3.0)
+    phi = kernels.kernel_basis(layer).random_vector(torch.Generator().manual_seed(2))
+    x_hat = collisions.null_space_search(x, layer, phi, beta=3.0)
     return model, x, x_hat
 
 

@@ -1,4 +1,5 @@
 """The vulnerability-gauge helpers: sweep construction, nullity by construction, attacks, rank statistics."""
+
 from __future__ import annotations
 
 import math
@@ -9,12 +10,14 @@ import torch
 from scipy import stats
 from torch import nn
 
-from helpers import gauge, results, train
+from helpers import cli
+from helpers.book import results
+from helpers.experiments import gauge
+from helpers.models import train
 from tests.conftest import needs_mnist
 
 
-@pytest.mark.parametrize("family,width,shape", [("mlp", 32, (32, 784)), ("patch", 64, (64, 49)),
-                                                ("cnn", 4, (4, 16))])
+@pytest.mark.parametrize("family,width,shape", [("mlp", 32, (32, 784)), ("patch", 64, (64, 49)), ("cnn", 4, (4, 16))])
 def test_first_layer_shape_matches_the_built_model(family: str, width: int, shape: tuple[int, int]) -> None:
     config = gauge.family_config(family, width)
     assert gauge.first_layer_shape(config) == shape
@@ -54,7 +57,7 @@ def test_rank_correlation_matches_scipy_and_bootstraps_whole_groups() -> None:
     assert perfect.rho == pytest.approx(-1) and perfect.hi == pytest.approx(-1)
     assert math.isnan(gauge.rank_correlation(np.ones(24), y, groups, n_boot=50).rho)
     idx = gauge.cluster_bootstrap_indices(groups, 10, rng)
-    assert idx.shape == (10, 24) and all(len(set(groups[row[i:i + 3]])) == 1 for row in idx for i in (0, 3))
+    assert idx.shape == (10, 24) and all(len(set(groups[row[i : i + 3]])) == 1 for row in idx for i in (0, 3))
     with pytest.raises(ValueError, match="equal size"):
         gauge.cluster_bootstrap_indices([0, 0, 1], 5, rng)
 
@@ -69,9 +72,20 @@ def test_partial_correlation_removes_a_shared_driver() -> None:
 
 
 def test_correlation_table_has_pooled_partial_and_family_cells() -> None:
-    rows = [{"family": f, "width": w, "seed": s, "nullity_w1": max(0, 49 - w), "clean_acc": 0.9 + w / 1e3,
-             "log10_params": math.log10(100 * w), "median_l2": 1.0 + 0.01 * w + 0.001 * s}
-            for f in ("mlp", "patch") for w in (4, 16, 64) for s in (0, 1)]
+    rows = [
+        {
+            "family": f,
+            "width": w,
+            "seed": s,
+            "nullity_w1": max(0, 49 - w),
+            "clean_acc": 0.9 + w / 1e3,
+            "log10_params": math.log10(100 * w),
+            "median_l2": 1.0 + 0.01 * w + 0.001 * s,
+        }
+        for f in ("mlp", "patch")
+        for w in (4, 16, 64)
+        for s in (0, 1)
+    ]
     table = gauge.correlation_table(rows, ["nullity_w1"], ["median_l2"], n_boot=50)
     assert len(table) == 1 and table[0]["pooled"].rho < 0
     assert set(table[0]) >= {"pooled", "given clean_acc", "given log10_params", "mlp", "patch"}
@@ -96,8 +110,13 @@ def test_fab_finds_the_analytic_minimal_l2_distance_of_a_linear_model() -> None:
     w = model[1].weight.detach()
     margins = logits.gather(1, labels[:, None]) - logits  # (8, 10)
     norms = (w[labels][:, None, :] - w[None]).norm(dim=2)  # (8, 10)
-    analytic = (margins / norms).where(norms > 0, torch.tensor(math.inf)).masked_fill(
-        torch.nn.functional.one_hot(labels, 10).bool(), math.inf).min(1).values
+    analytic = (
+        (margins / norms)
+        .where(norms > 0, torch.tensor(math.inf))
+        .masked_fill(torch.nn.functional.one_hot(labels, 10).bool(), math.inf)
+        .min(1)
+        .values
+    )
     found = gauge.minimal_l2_distances(model, images, labels, steps=20)
     assert torch.all(found >= analytic * (1 - 1e-4)) and torch.all(found <= analytic * 1.1)
     assert gauge.median_minimal_l2(found) == pytest.approx(float(found.median()))
@@ -136,10 +155,10 @@ def test_one_tiny_sweep_point_end_to_end(tmp_path, monkeypatch) -> None:
 
 
 def test_cli_registers_the_gauge_command() -> None:
-    from helpers.__main__ import build_parser
+    from helpers.cli import build_parser
 
     args = build_parser().parse_args(["gauge", "--quick", "--seeds", "1"])
-    assert args.quick and args.seeds == 1 and args.func is gauge._cli
+    assert args.quick and args.seeds == 1 and args.func is cli._gauge_command
 
 
 def test_imagenet_path_normalises_pixels_and_keeps_clean_predictions_at_zero_budget() -> None:

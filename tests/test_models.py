@@ -1,4 +1,5 @@
 """The model registry: every name builds, the offline fallback is fast and visible, errors are clear."""
+
 from __future__ import annotations
 
 import time
@@ -6,7 +7,8 @@ import time
 import pytest
 import torch
 
-from helpers import models, runtime
+from helpers import runtime
+from helpers.models import registry
 
 
 @pytest.fixture
@@ -21,9 +23,9 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path):
     runtime.network_available.cache_clear()
 
 
-@pytest.mark.parametrize("name", sorted(models.REGISTRY))
+@pytest.mark.parametrize("name", sorted(registry.REGISTRY))
 def test_every_registry_model_builds_with_random_weights(name: str) -> None:
-    loaded = models.load(name, "random")
+    loaded = registry.load(name, "random")
     assert loaded.weights == "random" and not loaded.is_pretrained
     assert sum(p.numel() for p in loaded.model.parameters()) > 0
     assert not loaded.model.training
@@ -31,26 +33,26 @@ def test_every_registry_model_builds_with_random_weights(name: str) -> None:
 
 
 def test_table1_has_19_rows() -> None:
-    from helpers import paper
+    from helpers.data import paper
 
-    assert set(models.TABLE1_ROWS) == set(paper.get("ozbulak", "table1", "rows"))
-    assert len(models.TABLE1_ROWS) == 19
+    assert set(registry.TABLE1_ROWS) == set(paper.get("ozbulak", "table1", "rows"))
+    assert len(registry.TABLE1_ROWS) == 19
 
 
 def test_unknown_model_lists_valid_names() -> None:
     with pytest.raises(KeyError, match="unknown model 'resnet51'.*resnet50"):
-        models.load("resnet51")
+        registry.load("resnet51")
 
 
 def test_unknown_weights_is_rejected() -> None:
     with pytest.raises(ValueError, match="valid: auto, pretrained, random"):
-        models.load("squeezenet1_1", "imagenet")  # type: ignore[arg-type]
+        registry.load("squeezenet1_1", "imagenet")  # type: ignore[arg-type]
 
 
 def test_auto_falls_back_fast_and_says_why(offline) -> None:
     start = time.perf_counter()
-    tv = models.load("squeezenet1_1", "auto")
-    tm = models.load("deit_tiny_patch16_224", "auto")
+    tv = registry.load("squeezenet1_1", "auto")
+    tm = registry.load("deit_tiny_patch16_224", "auto")
     assert time.perf_counter() - start < 20, "the fallback must not wait for network retries"
     for loaded in (tv, tm):
         assert loaded.weights == "random"
@@ -58,10 +60,10 @@ def test_auto_falls_back_fast_and_says_why(offline) -> None:
 
 
 def test_pretrained_raises_instead_of_falling_back(offline) -> None:
-    with pytest.raises(models.WeightsUnavailable, match="squeezenet1_1"):
-        models.load("squeezenet1_1", "pretrained")
-    with pytest.raises(models.WeightsUnavailable, match="deit_tiny"):
-        models.load("deit_tiny_patch16_224", "pretrained")
+    with pytest.raises(registry.WeightsUnavailable, match="squeezenet1_1"):
+        registry.load("squeezenet1_1", "pretrained")
+    with pytest.raises(registry.WeightsUnavailable, match="deit_tiny"):
+        registry.load("deit_tiny_patch16_224", "pretrained")
 
 
 def test_pretrained_path_loads_a_cached_checkpoint_without_network(offline) -> None:
@@ -70,10 +72,10 @@ def test_pretrained_path_loads_a_cached_checkpoint_without_network(offline) -> N
 
     reference = torchvision.models.squeezenet1_1(weights=None)
     enum = torchvision.models.get_model_weights("squeezenet1_1").DEFAULT
-    checkpoint = models._torchvision_checkpoint(enum)
+    checkpoint = registry._torchvision_checkpoint(enum)
     checkpoint.parent.mkdir(parents=True)
     torch.save(reference.state_dict(), checkpoint)
-    loaded = models.load("squeezenet1_1", "pretrained")
+    loaded = registry.load("squeezenet1_1", "pretrained")
     assert loaded.is_pretrained and str(checkpoint) in loaded.detail
     for (name, a), b in zip(reference.state_dict().items(), loaded.model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -81,13 +83,13 @@ def test_pretrained_path_loads_a_cached_checkpoint_without_network(offline) -> N
 
 
 def test_book_model_uses_the_training_cache(offline, monkeypatch: pytest.MonkeyPatch) -> None:
-    from helpers import train
+    from helpers.models import train
 
-    assert models.load("lenet5", "auto").weights == "random"
+    assert registry.load("lenet5", "auto").weights == "random"
     config = train.CANONICAL["lenet5"]
     path, _ = train._cache_paths(config)
     torch.save(config.build().state_dict(), path)
-    assert models.load("lenet5", "pretrained").is_pretrained
+    assert registry.load("lenet5", "pretrained").is_pretrained
 
 
 def test_resolve_device() -> None:

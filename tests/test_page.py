@@ -1,5 +1,6 @@
 """What a chapter puts on the page: figures with captions, tables that fit, checks in words, one banner,
 plain-text progress, and the staging that keeps plumbing off the page."""
+
 from __future__ import annotations
 
 import base64
@@ -11,7 +12,9 @@ from types import SimpleNamespace
 import matplotlib.pyplot as plt
 import pytest
 
-from helpers import book, page, plotting, results
+from helpers import progress
+from helpers.book import page, pipeline, plotting, results
+from helpers.progress import progress_bar
 
 
 def test_figure_html_has_inline_png_and_caption() -> None:
@@ -34,8 +37,11 @@ def test_show_figure_saves_closes_and_returns_the_path(capsys: pytest.CaptureFix
 
 
 def test_table_moves_long_explanations_to_notes() -> None:
-    rows = [{"row": "A", "nu": 3, "why": "same"}, {"row": "B", "nu": 1.23456789, "why": "training lowered a rank"},
-            {"row": "C", "nu": None, "why": "training lowered a rank"}]
+    rows = [
+        {"row": "A", "nu": 3, "why": "same"},
+        {"row": "B", "nu": 1.23456789, "why": "training lowered a rank"},
+        {"row": "C", "nu": None, "why": "training lowered a rank"},
+    ]
     text = page.table_html(rows, notes=["why"], labels={"nu": "ν"})
     assert "<th>ν</th>" in text and "<th>why</th>" not in text and "<th>note</th>" in text
     assert text.count("training lowered a rank") == 1, "a repeated note is listed once"
@@ -66,8 +72,10 @@ def test_checks_read_in_words_and_fail_on_a_failed_one() -> None:
 
 def test_banner_lists_every_random_model_with_its_whole_reason() -> None:
     reason = "timm could not load pretrained 'x' (OSError: " + "a long hub message " * 20 + "end of message)"
-    models = [SimpleNamespace(spec=SimpleNamespace(name="deit_tiny"), detail=reason),
-              SimpleNamespace(spec=SimpleNamespace(name="resnet50"), detail="no network")]
+    models = [
+        SimpleNamespace(spec=SimpleNamespace(name="deit_tiny"), detail=reason),
+        SimpleNamespace(spec=SimpleNamespace(name="resnet50"), detail="no network"),
+    ]
     text = results.banner_html(models)
     assert text.count("<li>") == 2 and "end of message)" in text and "resnet50" in text and "<details>" not in text
     many = results.banner_html(models * 3)
@@ -75,7 +83,7 @@ def test_banner_lists_every_random_model_with_its_whole_reason() -> None:
 
 
 def test_one_banner_per_chapter_updated_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
-    from helpers import chapter
+    from helpers.book import chapter
 
     calls: list[tuple[str, str | None]] = []
     monkeypatch.setattr(page, "show_html", lambda text, fallback="", display_id=None: calls.append((text, display_id)))
@@ -88,9 +96,9 @@ def test_one_banner_per_chapter_updated_in_place(monkeypatch: pytest.MonkeyPatch
 
 
 def test_static_progress_prints_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv(page.STATIC_PROGRESS_ENV, "1")
-    assert list(page.progress(range(3), desc="loop")) == [0, 1, 2]
-    bar = page.progress(total=5, desc="inner", leave=False)
+    monkeypatch.setenv(progress.STATIC_PROGRESS_ENV, "1")
+    assert list(progress_bar(range(3), desc="loop")) == [0, 1, 2]
+    bar = progress_bar(total=5, desc="inner", leave=False)
     bar.update(5)
     bar.close()
     out = capsys.readouterr().out.splitlines()
@@ -99,11 +107,19 @@ def test_static_progress_prints_one_line(monkeypatch: pytest.MonkeyPatch, capsys
 
 def _notebook(tmp_path: Path) -> Path:
     cells = [
-        {"cell_type": "markdown", "metadata": {}, "source": f"# T\n\n[![Open In Colab]({book.COLAB_BADGE_URL})](x)"},
+        {
+            "cell_type": "markdown",
+            "metadata": {},
+            "source": f"# T\n\n[![Open In Colab]({pipeline.COLAB_BADGE_URL})](x)",
+        },
         {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "quick = False", "outputs": []},
         {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "source": "quick = True", "outputs": []},
-        {"cell_type": "code", "metadata": {}, "source": "import sys\nif 'google.colab' in sys.modules:\n    !pip install x",
-         "outputs": []},
+        {
+            "cell_type": "code",
+            "metadata": {},
+            "source": "import sys\nif 'google.colab' in sys.modules:\n    !pip install x",
+            "outputs": [],
+        },
         {"cell_type": "code", "metadata": {}, "source": "ch = chapter.setup('t')", "outputs": []},
         {"cell_type": "code", "metadata": {}, "source": "x = 1", "outputs": []},
         {"cell_type": "code", "metadata": {"tags": ["claims"]}, "source": "checks = results.Checks()", "outputs": []},
@@ -115,21 +131,21 @@ def _notebook(tmp_path: Path) -> Path:
 
 def test_prepare_for_render_keeps_plumbing_off_the_page(tmp_path: Path) -> None:
     target = tmp_path / "out.ipynb"
-    book.prepare_for_render(_notebook(tmp_path), target)
+    pipeline.prepare_for_render(_notebook(tmp_path), target)
     cells = json.loads(target.read_text())["cells"]
     tags = [c["metadata"].get("tags", []) for c in cells]
     assert all("remove-cell" in t for t in tags[1:4]), "parameters (default, injected) and the install cell"
     assert "hide-output" in tags[4] and tags[5] == [] and "hide-input" in tags[6]
-    assert book.LOCAL_COLAB_BADGE in cells[0]["source"] and book.COLAB_BADGE_URL not in cells[0]["source"]
+    assert pipeline.LOCAL_COLAB_BADGE in cells[0]["source"] and pipeline.COLAB_BADGE_URL not in cells[0]["source"]
 
 
 def test_quick_builds_keep_their_outputs_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A quick build's results never land in the folder the full book is rendered from."""
     monkeypatch.delenv("COLLISIONS_OUT", raising=False)
     calls: dict[str, object] = {}
-    monkeypatch.setattr(book, "execute", lambda parameters, out, force, only: calls.setdefault("out", out) and [])
-    assert book.main(["execute", "--quick", "--device", "cpu"]) == 0
-    assert calls["out"] == book.BUILD / "quick" and os.environ["COLLISIONS_OUT"] == str(book.BUILD / "quick")
+    monkeypatch.setattr(pipeline, "execute", lambda parameters, out, force, only: calls.setdefault("out", out) and [])
+    assert pipeline.main(["execute", "--quick", "--device", "cpu"]) == 0
+    assert calls["out"] == pipeline.BUILD / "quick" and os.environ["COLLISIONS_OUT"] == str(pipeline.BUILD / "quick")
 
 
 def test_wide_figures_are_narrowed_to_the_column() -> None:
@@ -144,12 +160,29 @@ def test_wide_figures_are_narrowed_to_the_column() -> None:
 
 
 def test_table1_page_rows_pair_ours_with_the_paper() -> None:
-    from helpers import audit
+    from helpers.experiments import table1
 
-    record = {"row": "AlexNet", "model": "alexnet", "n": 8, "n (implied)": "8", "mu": 7, "mu paper": 7,
-              "nu": 7, "nu paper": 8, "sum": 16515, "sum paper": 16547, "W1": 299, "W1 paper": 299,
-              "nu why": "trained weights / tolerance", "sum why": "same", "W1 why": "same",
-              "nu f32": 8, "sum f32": 16518, "W1 f32": 299, "weights": "random"}
-    row = audit.page_rows([record])[0]
+    record = {
+        "row": "AlexNet",
+        "model": "alexnet",
+        "n": 8,
+        "n (implied)": "8",
+        "mu": 7,
+        "mu paper": 7,
+        "nu": 7,
+        "nu paper": 8,
+        "sum": 16515,
+        "sum paper": 16547,
+        "W1": 299,
+        "W1 paper": 299,
+        "nu why": "trained weights / tolerance",
+        "sum why": "same",
+        "W1 why": "same",
+        "nu f32": 8,
+        "sum f32": 16518,
+        "W1 f32": 299,
+        "weights": "random",
+    }
+    row = table1.page_rows([record])[0]
     assert row["ν"] == "7\u00a0/\u00a08" and row["Σ nullity"] == "16515 / 16547"
     assert row["why"] == "nu: trained weights / tolerance" and row["float32 ν / Σ / W1"] == "8 / 16518 / 299"

@@ -1,4 +1,5 @@
 """Li et al.'s losses, the vertex search, convex sampling and the patch composition (helpers.polytope)."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import polytope as P
+from helpers.data import photos
+from helpers.experiments import patch_composition
+from helpers.experiments import polytope as P
 
 from .conftest import needs_mnist
 
@@ -20,10 +23,11 @@ def tiny_relu_net() -> nn.Sequential:
     """
     net = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
     with torch.no_grad():
-        net[1].weight.copy_(torch.tensor([[1., 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0],
-                                          [0, 0, 1, -1, 0, 0], [0, 0, 0, 0, 1, -1]]))
-        net[1].bias.copy_(torch.tensor([0., 0, -0.5, -0.2]))
-        net[3].weight.copy_(torch.tensor([[1., -1, 0.5, 0.5], [-1., 1, 0.2, 0.1]]))
+        net[1].weight.copy_(
+            torch.tensor([[1.0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 1, -1, 0, 0], [0, 0, 0, 0, 1, -1]])
+        )
+        net[1].bias.copy_(torch.tensor([0.0, 0, -0.5, -0.2]))
+        net[3].weight.copy_(torch.tensor([[1.0, -1, 0.5, 0.5], [-1.0, 1, 0.2, 0.1]]))
         net[3].bias.zero_()
     return net.eval()
 
@@ -53,7 +57,7 @@ def test_losses_by_hand() -> None:
     target = torch.tensor([[1.0, 2.0, -1.0, -3.0]])
     pre_u = torch.tensor([[1.5, 1.0, 0.4, -2.0]])
     l_plus, l_i = P.li_losses(pre_u, target, torch.tensor([3]))
-    assert l_plus.item() == pytest.approx(0.5 ** 2 + 1.0 ** 2)  # active units 0, 1
+    assert l_plus.item() == pytest.approx(0.5**2 + 1.0**2)  # active units 0, 1
     assert l_i.item() == pytest.approx(-2.0 + 0.4)  # pushed unit 3, hinge on the other inactive unit 2
     _, l_i2 = P.li_losses(pre_u, target, torch.tensor([2]))
     assert l_i2.item() == pytest.approx(0.4 + 0.0)  # unit 3 is negative: no hinge cost
@@ -65,8 +69,8 @@ def test_vertices_satisfy_proposition_1(split: P.ReluSplit, polytope: P.Polytope
     assert vertices.min() >= 0 and vertices.max() <= 1
     pre = P.pre_activations(split, vertices)
     res = P.prop1_residuals(pre, polytope.target_pre.expand_as(pre))
-    assert res["eq_max_abs"].max() < 1e-2            # equalities on the active units
-    assert res["ineq_max"].max() < 1e-3              # inequalities on the inactive units
+    assert res["eq_max_abs"].max() < 1e-2  # equalities on the active units
+    assert res["ineq_max"].max() < 1e-3  # inequalities on the inactive units
     assert res["pattern"].min() == 1.0
     assert pre[0, 2].item() == pytest.approx(-1.5, abs=2e-2)  # the box-constrained minimum of unit 2
     assert pre[1, 3].item() == pytest.approx(-1.2, abs=2e-2)  # unit 3: x4 = 0, x5 = 1
@@ -93,7 +97,7 @@ def test_convex_combinations_keep_the_activation_pattern(split: P.ReluSplit, pol
     pre_v = P.pre_activations(split, vertices)
     target = polytope.target_pre.expand_as(pre_s)
     res_s = P.prop1_residuals(pre_s, target)
-    res_v = P.prop1_residuals(pre_v, target[:len(pre_v)])
+    res_v = P.prop1_residuals(pre_v, target[: len(pre_v)])
     # the cut is affine in the input: samples are never worse than the worst vertex
     assert res_s["act_rel"].max() <= res_v["act_rel"].max() + 1e-6
     assert res_s["ineq_max"].max() <= res_v["ineq_max"].max() + 1e-6
@@ -140,8 +144,17 @@ def test_mean_pairwise_distance() -> None:
 
 def test_active_counts() -> None:
     rows = P.active_counts(tiny_relu_net(), TARGET)
-    assert rows == [{"relu_index": 2, "layer": "Linear", "units": 4, "active_mean": 2.0, "active_max": 2, "d": 6,
-                     "n_plus_below_d": True}]
+    assert rows == [
+        {
+            "relu_index": 2,
+            "layer": "Linear",
+            "units": 4,
+            "active_mean": 2.0,
+            "active_max": 2,
+            "d": 6,
+            "n_plus_below_d": True,
+        }
+    ]
 
 
 class TinyVGG(nn.Module):
@@ -151,8 +164,15 @@ class TinyVGG(nn.Module):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         self.avgpool = nn.AdaptiveAvgPool2d(2)
-        self.classifier = nn.Sequential(nn.Linear(16, 8), nn.ReLU(inplace=True), nn.Dropout(),
-                                        nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(8, 3))
+        self.classifier = nn.Sequential(
+            nn.Linear(16, 8),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(8, 8),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(8, 3),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
@@ -173,15 +193,17 @@ def test_vgg_fc6_split_and_search() -> None:
 
 def test_patches_nearest_neighbours_and_composition() -> None:
     image = torch.randint(0, 256, (3, 16, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    bank = P.extract_patches(image, 8, 4)
+    bank = patch_composition.extract_patches(image, 8, 4)
     assert bank.shape == (3 * 5, 3, 8, 8)
-    tiles = P.grid_patches(image.float() / 255, 8)
+    tiles = patch_composition.grid_patches(image.float() / 255, 8)
     assert tiles.shape == (6, 3, 8, 8)
-    idx, dist = P.nearest_patches(tiles, bank, k=3, chunk=4)  # chunks smaller than the bank: merging is exercised
+    idx, dist = patch_composition.nearest_patches(
+        tiles, bank, k=3, chunk=4
+    )  # chunks smaller than the bank: merging is exercised
     brute = torch.cdist(tiles.flatten(1), bank.float().flatten(1) / 255)
     assert torch.allclose(dist, brute.topk(3, largest=False).values, atol=1e-4)
     assert dist[:, 0].max() < 1e-4  # every tile is itself a bank patch
-    comp = P.build_composition(image.float() / 255, bank, k=3, size=8)
+    comp = patch_composition.build_composition(image.float() / 255, bank, k=3, size=8)
     theta = torch.zeros(2, *comp.param_shape)
     theta[:, :, 0] = 50.0  # all weight on the nearest patch: the image itself
     assert torch.allclose(comp.decode(theta)[0], image.float() / 255, atol=1e-4)
@@ -189,32 +211,47 @@ def test_patches_nearest_neighbours_and_composition() -> None:
     with pytest.raises(ValueError, match="patch coefficients must be"):
         comp.decode(torch.zeros(2, 6, 3, 8))
     with pytest.raises(ValueError, match="multiples of the patch size"):
-        P.grid_patches(torch.zeros(3, 10, 8), 8)
+        patch_composition.grid_patches(torch.zeros(3, 10, 8), 8)
     with pytest.raises(ValueError, match="k must be between"):
-        P.nearest_patches(tiles, bank, k=100)
+        patch_composition.nearest_patches(tiles, bank, k=100)
     vertices = comp.decode(torch.randn(3, *comp.param_shape))
-    change = P.location_change(vertices, comp.grid, 8)
+    change = patch_composition.location_change(vertices, comp.grid, 8)
     assert change.shape == (2, 3)
-    boxes = P.changed_boxes(vertices, comp.grid, 8, top=2)
+    boxes = patch_composition.changed_boxes(vertices, comp.grid, 8, top=2)
     i = int(change.flatten().argmax())
     assert boxes[0] == (i // 3 * 8, i % 3 * 8, 8, 8) and len(boxes) == 2
 
 
 def test_sample_images() -> None:
-    arr = P.sample_image("camera")
+    arr = photos.sample_image("camera")
     assert arr.shape == (512, 512, 3) and arr.dtype.name == "uint8"
-    pixels = P.sample_pixels("motorcycle_left", 64)
+    pixels = photos.sample_pixels("motorcycle_left", 64)
     assert pixels.shape == (3, 64, 64) and 0 <= pixels.min() and pixels.max() <= 1
     with pytest.raises(ValueError, match="valid: astronaut"):
-        P.sample_image("nonexistent")
+        photos.sample_image("nonexistent")
 
 
 @needs_mnist
 def test_cli_random_weights(capsys: pytest.CaptureFixture[str]) -> None:
-    from helpers.__main__ import main
+    from helpers.cli import main
 
-    rc = main(["polytope", "mnist_mlp_2x256", "--weights", "random", "--device", "cpu", "--steps", "30",
-               "--samples", "50", "--vertices", "2", "--json"])
+    rc = main(
+        [
+            "polytope",
+            "mnist_mlp_2x256",
+            "--weights",
+            "random",
+            "--device",
+            "cpu",
+            "--steps",
+            "30",
+            "--samples",
+            "50",
+            "--vertices",
+            "2",
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["weights"] == "random" and report["report"]["n_samples"] == 50
     assert report["steps"] == 30 and 0 <= report["same_class_pct"] <= 100
@@ -226,8 +263,14 @@ def test_figure_and_sweep(split: P.ReluSplit, polytope: P.Polytopes) -> None:
     sweep = P.distance_sweep(split, TARGET, TARGET, configs, 2, progress=False)
     assert [r["steps"] for r in sweep] == [5, 50] and sweep[1]["vertex_distance"] >= sweep[0]["vertex_distance"]
     assert sweep[0]["to_start"] == pytest.approx(sweep[0]["to_target"])
-    row = {"label": "x", "target": TARGET[0], "start": TARGET[0], "vertices": polytope.vertices[0],
-           "samples": polytope.vertices[0][:1], "boxes": [(0, 0, 1, 1)]}
+    row = {
+        "label": "x",
+        "target": TARGET[0],
+        "start": TARGET[0],
+        "vertices": polytope.vertices[0],
+        "samples": polytope.vertices[0][:1],
+        "boxes": [(0, 0, 1, 1)],
+    }
     for difference in (False, True):
         fig = P.polytope_figure([row, dict(row, start=None)], difference=difference)
         assert len(fig.axes) == 2 * 6

@@ -1,4 +1,5 @@
 """The reader's test on tiny synthetic books: a clean page passes, each kind of breakage is caught, the command line."""
+
 from __future__ import annotations
 
 import base64
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import reader
+from helpers.book import reader
 
 pytestmark = pytest.mark.skipif(reader.find_browser() is None, reason=reader.SKIP_REASON)
 pytest.importorskip("selenium", reason="selenium is not installed")
@@ -27,8 +28,10 @@ def _png_uri(width: int = 40) -> str:
 
 
 def _figure(name: str, src: str) -> str:
-    return (f'<figure class="collisions-figure" id="fig-{name}"><img src="{src}" style="max-width:100%">'
-            f"<figcaption>{name}</figcaption></figure>")
+    return (
+        f'<figure class="collisions-figure" id="fig-{name}"><img src="{src}" style="max-width:100%">'
+        f"<figcaption>{name}</figcaption></figure>"
+    )
 
 
 CLEAN = (
@@ -47,16 +50,22 @@ BROKEN = {
     "broken_image": ('<p><img src="https://example.invalid/badge.png" alt="badge"></p>', [], "broken image"),
     "raw_table": ("<p>| model | top-1 |\n|---|---|\n| ViT | 81.2 |</p>", [], "raw markdown table"),
     "echoed_path": ("<pre>PosixPath('/x/y.png')</pre>", [], "echoed path"),
-    "traceback": ('<div class="cell_output"><pre>Traceback (most recent call last):\n  File "x.py", line 1\n'
-                  + "ValueError: bad</pre></div>", [], "traceback"),
+    "traceback": (
+        '<div class="cell_output"><pre>Traceback (most recent call last):\n  File "x.py", line 1\n'
+        + "ValueError: bad</pre></div>",
+        [],
+        "traceback",
+    ),
     "raw_math": ("<p>The norm \\( x \\) is small.</p>", [], "unrendered math"),
     "overflow": ('<div style="width:2000px">a very wide box</div>', [], "overflow"),
 }
 
 
 def _page(body: str) -> str:
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>t</title></head><body>"
-            f"<main><article class='bd-article' style='width:700px'>{body}</article></main></body></html>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>t</title></head><body>"
+        f"<main><article class='bd-article' style='width:700px'>{body}</article></main></body></html>"
+    )
 
 
 def _book(root: Path, chapters: dict[str, tuple[str, list[str]]]) -> tuple[Path, Path]:
@@ -80,8 +89,9 @@ def checked(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, set[str
     root = tmp_path_factory.mktemp("book")
     uri = _png_uri()
     chapters = {"clean": (_figure("ok", uri) + CLEAN, ["ok"])}
-    chapters |= {stem: (_figure("ok", uri) + CLEAN + extra, ["ok", *figures])
-                 for stem, (extra, figures, _) in BROKEN.items()}
+    chapters |= {
+        stem: (_figure("ok", uri) + CLEAN + extra, ["ok", *figures]) for stem, (extra, figures, _) in BROKEN.items()
+    }
     html, results = _book(root, chapters)
     shots = root / "shots"
     problems, heights = reader.check_book(html, results, shots)
@@ -115,8 +125,15 @@ def test_each_breakage_is_caught(checked: tuple[dict[str, set[str]], dict[str, i
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "helpers.reader", *args], cwd=REPO, capture_output=True, text=True,
-                          check=False, env={**os.environ, **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "helpers.book.reader", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **env},
+        timeout=120,
+    )
 
 
 def test_cli_bad_arguments(tmp_path: Path) -> None:

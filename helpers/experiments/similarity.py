@@ -8,9 +8,11 @@ the network the perturbation lives in. It is stated as such wherever it is used.
 
 Images: (N, C, H, W); pixel metrics assume data range 1 (pixels in [0, 1]) unless told otherwise.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,8 +23,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     _same_shape(a, b)
-    return peak_signal_noise_ratio(a.float(), b.float(), data_range=data_range, reduction="none",
-                                   dim=(1, 2, 3))
+    return peak_signal_noise_ratio(a.float(), b.float(), data_range=data_range, reduction="none", dim=(1, 2, 3))
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -68,8 +69,9 @@ def _unit_channels(f: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def feature_distance(model: nn.Module, a: torch.Tensor, b: torch.Tensor,
-                     layers: Sequence[str] | None = None) -> torch.Tensor:
+def feature_distance(
+    model: nn.Module, a: torch.Tensor, b: torch.Tensor, layers: Sequence[str] | None = None
+) -> torch.Tensor:
     """LPIPS-style distance without learned weights on ``model``'s own layers, per image (N,).
 
     d(a, b) = sum over layers of mean over positions of ||u_a - u_b||^2, with u the channel-normalised
@@ -89,7 +91,7 @@ def feature_distance(model: nn.Module, a: torch.Tensor, b: torch.Tensor,
 def lpips_metric(net: str = "alex"):
     """torchmetrics' LPIPS when its backbone weights can be had, else None (offline); never downloads when
     the network is unavailable."""
-    from . import runtime
+    from helpers import runtime
 
     if not runtime.network_available():
         return None
@@ -101,18 +103,28 @@ def lpips_metric(net: str = "alex"):
         return None
 
 
-def similarity_table(model: nn.Module, clean: torch.Tensor, others: torch.Tensor,
-                     layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+def similarity_table(
+    model: nn.Module, clean: torch.Tensor, others: torch.Tensor, layers: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
     """PSNR, SSIM (pixels, data range 1) and the feature distance of each of ``others`` (N, C, H, W) to ``clean``
     (1, C, H, W). Images outside [0, 1] are compared as they are (PSNR/SSIM with data range 1)."""
     ref = clean.expand_as(others)
-    return {"psnr_db": psnr(others, ref), "ssim": ssim(others, ref),
-            "feature_distance": feature_distance(model, others, ref, layers),
-            "linf": (others - ref).abs().amax((1, 2, 3))}
+    return {
+        "psnr_db": psnr(others, ref),
+        "ssim": ssim(others, ref),
+        "feature_distance": feature_distance(model, others, ref, layers),
+        "linf": (others - ref).abs().amax((1, 2, 3)),
+    }
 
 
-def strength_sweep(model: nn.Module, clean: torch.Tensor, direction: torch.Tensor, betas: Sequence[float],
-                   layers: Sequence[str] | None = None, seed: int = 0) -> list[dict[str, float]]:
+def strength_sweep(
+    model: nn.Module,
+    clean: torch.Tensor,
+    direction: torch.Tensor,
+    betas: Sequence[float],
+    layers: Sequence[str] | None = None,
+    seed: int = 0,
+) -> list[dict[str, float]]:
     """For each beta: PSNR, SSIM and feature distance of clean + beta * direction to clean, and the same for a
     Gaussian-noise control of equal l2 norm (which the features do see). direction: (1, C, H, W), typically a
     null-space perturbation with max |direction| = 1, so beta is the l_inf size in pixels."""
@@ -124,10 +136,17 @@ def strength_sweep(model: nn.Module, clean: torch.Tensor, direction: torch.Tenso
         twin = clean + beta * direction
         control = clean + beta * noise
         t = similarity_table(model, clean, torch.cat([twin, control]), layers)
-        rows.append({"beta (l_inf)": float(beta), "PSNR dB": float(t["psnr_db"][0]), "SSIM": float(t["ssim"][0]),
-                     "feature distance": float(t["feature_distance"][0]),
-                     "noise PSNR dB": float(t["psnr_db"][1]), "noise SSIM": float(t["ssim"][1]),
-                     "noise feature distance": float(t["feature_distance"][1])})
+        rows.append(
+            {
+                "beta (l_inf)": float(beta),
+                "PSNR dB": float(t["psnr_db"][0]),
+                "SSIM": float(t["ssim"][0]),
+                "feature distance": float(t["feature_distance"][0]),
+                "noise PSNR dB": float(t["psnr_db"][1]),
+                "noise SSIM": float(t["ssim"][1]),
+                "noise feature distance": float(t["feature_distance"][1]),
+            }
+        )
     return rows
 
 

@@ -4,6 +4,7 @@ Their first layers are chosen so that the null space of the first weight is easy
 an MLP (first weight hidden x 784), a CNN (first conv out x (1*k*k)), and a patch-embedding model
 (a stride-p conv with p*p inputs per patch and ``embed`` outputs). LeNet-5 and Li et al.'s 2x256 MLP too.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -59,11 +60,17 @@ def patch(patch_size: int = 7, embed: int = 16, hidden: int = 128) -> nn.Sequent
 def lenet5() -> nn.Sequential:
     """LeNet-5 (LeCun et al. 1998) with ReLU and max-pooling, padded to take 28x28 inputs."""
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
-        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(16 * 5 * 5, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
         nn.Linear(84, 10),
     )
 

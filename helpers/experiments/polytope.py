@@ -20,28 +20,25 @@ vertices of all polytopes are optimised in one batch (the problems are independe
 The patch-composition variant (Li et al., Sec. 4) searches over softmax coefficients that mix retrieved patches
 instead of raw pixels: ``patch_bank``, ``nearest_patches``, ``PatchComposition``.
 """
+
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import page
-
 if TYPE_CHECKING:
     import matplotlib.pyplot as plt
 
-# --------------------------------------------------------------------------------------------------------------
-# Cutting a network at a ReLU layer
-# --------------------------------------------------------------------------------------------------------------
+from helpers.models.forward import device_of
+from helpers.progress import progress_bar
 
 
 @dataclass
@@ -65,8 +62,10 @@ class ReluSplit:
 
     def check_inputs(self, u: Tensor, what: str = "inputs") -> None:
         if u.dim() != len(self.input_shape) + 1 or tuple(u.shape[1:]) != self.input_shape:
-            raise ValueError(f"{what} must have shape (B, {', '.join(map(str, self.input_shape))}) for "
-                             f"{self.name}, got {tuple(u.shape)}")
+            raise ValueError(
+                f"{what} must have shape (B, {', '.join(map(str, self.input_shape))}) for "
+                f"{self.name}, got {tuple(u.shape)}"
+            )
 
 
 def relu_indices(model: nn.Sequential) -> list[int]:
@@ -86,10 +85,10 @@ def split_sequential(model: nn.Sequential, relu_index: int, input_shape: Sequenc
         raise ValueError(f"module {relu_index} of the model is not an nn.ReLU; valid ReLU positions: {valid}")
     if model.training:
         raise ValueError("put the model in eval mode first (model.eval()): the cut must be deterministic")
-    prefix, rest = model[:relu_index], model[relu_index + 1:]
+    prefix, rest = model[:relu_index], model[relu_index + 1 :]
     input_shape = tuple(int(s) for s in input_shape)
     with torch.no_grad():
-        probe = prefix(torch.zeros(1, *input_shape, device=_device_of(model)))
+        probe = prefix(torch.zeros(1, *input_shape, device=device_of(model)))
     feature_shape = tuple(probe.shape[1:])
 
     def pre(u: Tensor) -> Tensor:
@@ -110,8 +109,10 @@ def split_vgg_fc6(model: nn.Module, normalize: Callable[[Tensor], Tensor], size:
     """
     for attr in ("features", "avgpool", "classifier"):
         if not hasattr(model, attr):
-            raise ValueError(f"split_vgg_fc6 needs a torchvision VGG (features/avgpool/classifier); "
-                             f"{type(model).__name__} has no {attr!r}")
+            raise ValueError(
+                f"split_vgg_fc6 needs a torchvision VGG (features/avgpool/classifier); "
+                f"{type(model).__name__} has no {attr!r}"
+            )
     if model.training:
         raise ValueError("put the model in eval mode first (model.eval()): dropout must be off")
 
@@ -123,10 +124,6 @@ def split_vgg_fc6(model: nn.Module, normalize: Callable[[Tensor], Tensor], size:
 
     fc6 = model.classifier[0]
     return ReluSplit(pre, head, (3, size, size), fc6.out_features, model, f"VGG fc6 (N={fc6.out_features})")
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 @contextlib.contextmanager
@@ -146,21 +143,18 @@ def frozen(module: nn.Module) -> Iterator[None]:
 def pre_activations(split: ReluSplit, u: Tensor, batch: int = 2000) -> Tensor:
     """ỹ(u): (B, *input_shape) -> (B, N), in batches on the model's device, returned on u's device."""
     split.check_inputs(u)
-    device = _device_of(split.module)
+    device = device_of(split.module)
     return torch.cat([split.pre(c.to(device)).to(u.device) for c in u.split(batch)])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The losses of Li et al. and Proposition 1's constraints
-# --------------------------------------------------------------------------------------------------------------
 
 
 def _check_pre(pre_u: Tensor, target_pre: Tensor) -> None:
     if pre_u.dim() != 2:
         raise ValueError(f"pre-activations must be (B, N), got shape {tuple(pre_u.shape)}")
     if target_pre.shape != pre_u.shape:
-        raise ValueError(f"target pre-activations must match the pre-activations' shape {tuple(pre_u.shape)} "
-                         f"(one target row per row), got {tuple(target_pre.shape)}")
+        raise ValueError(
+            f"target pre-activations must match the pre-activations' shape {tuple(pre_u.shape)} "
+            f"(one target row per row), got {tuple(target_pre.shape)}"
+        )
 
 
 def li_losses(pre_u: Tensor, target_pre: Tensor, units: Tensor) -> tuple[Tensor, Tensor]:
@@ -177,10 +171,14 @@ def li_losses(pre_u: Tensor, target_pre: Tensor, units: Tensor) -> tuple[Tensor,
 
 def _check_units(target_pre: Tensor, units: Tensor) -> None:
     if units.shape != (len(target_pre),) or units.dtype != torch.long:
-        raise ValueError(f"units must be a (B,) = ({len(target_pre)},) long tensor of unit indices, "
-                         f"got shape {tuple(units.shape)} dtype {units.dtype}")
+        raise ValueError(
+            f"units must be a (B,) = ({len(target_pre)},) long tensor of unit indices, "
+            f"got shape {tuple(units.shape)} dtype {units.dtype}"
+        )
     if units.numel() and (units.min() < 0 or units.max() >= target_pre.shape[1]):
-        raise ValueError(f"units must lie in [0, {target_pre.shape[1]}), got {units.min().item()}..{units.max().item()}")
+        raise ValueError(
+            f"units must lie in [0, {target_pre.shape[1]}), got {units.min().item()}..{units.max().item()}"
+        )
     if (target_pre.gather(1, units[:, None]) > 0).any():
         raise ValueError("each pushed unit must be inactive for its target (target pre-activation <= 0)")
 
@@ -214,7 +212,7 @@ def prop1_residuals(pre_u: Tensor, target_pre: Tensor) -> dict[str, Tensor]:
         "ineq_max": inactive_vals.amax(1),
         "ineq_frac": ((pre_u > 0) & ~active).sum(1) / n_inactive,
         "act_rel": (torch.relu(pre_u) - torch.relu(target_pre)).norm(dim=1)
-                   / torch.relu(target_pre).norm(dim=1).clamp_min(1e-12),
+        / torch.relu(target_pre).norm(dim=1).clamp_min(1e-12),
         "pattern": ((pre_u > 0) == active).float().mean(1),
     }
 
@@ -235,11 +233,6 @@ def choose_units(target_pre: Tensor, n: int, how: str = "first", generator: torc
     else:
         key = torch.rand(target_pre.shape, generator=generator).to(target_pre.device)
     return key.masked_fill(~inactive, math.inf).argsort(1)[:, :n]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The vertex search
-# --------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -295,13 +288,22 @@ class Polytopes:
     def distances_to(self, points: Tensor) -> Tensor:
         """Mean l2 distance of each polytope's vertices from one point per polytope, points (T, *input_shape): (T,)."""
         if points.shape != (self.n_polytopes, *self.vertices.shape[2:]):
-            raise ValueError(f"points must be (T, *input_shape) = {(self.n_polytopes, *self.vertices.shape[2:])}, "
-                             f"got {tuple(points.shape)}")
+            raise ValueError(
+                f"points must be (T, *input_shape) = {(self.n_polytopes, *self.vertices.shape[2:])}, "
+                f"got {tuple(points.shape)}"
+            )
         return (self.vertices - points[:, None].to(self.vertices)).flatten(2).norm(dim=2).mean(1)
 
 
-def optimise(split: ReluSplit, params0: Tensor, target_pre: Tensor, units: Tensor, config: SearchConfig,
-             decode: Callable[[Tensor], Tensor] | None = None, progress: bool = True) -> tuple[Tensor, Tensor]:
+def optimise(
+    split: ReluSplit,
+    params0: Tensor,
+    target_pre: Tensor,
+    units: Tensor,
+    config: SearchConfig,
+    decode: Callable[[Tensor], Tensor] | None = None,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
     """Minimise alpha*L_plus + L_i for every row at once (Adam, cosine decay).
 
     params0 (B, ...): pixels (B, *input_shape) when ``decode`` is None (then clamped to [lo, hi] every step),
@@ -309,9 +311,11 @@ def optimise(split: ReluSplit, params0: Tensor, target_pre: Tensor, units: Tenso
     Returns (params (B, ...), loss_curve (steps,) mean objective per step).
     """
     if len(params0) != len(target_pre) or len(params0) != len(units):
-        raise ValueError(f"params0, target_pre and units need the same batch size, got "
-                         f"{len(params0)}, {len(target_pre)}, {len(units)}")
-    device = _device_of(split.module)
+        raise ValueError(
+            f"params0, target_pre and units need the same batch size, got "
+            f"{len(params0)}, {len(target_pre)}, {len(units)}"
+        )
+    device = device_of(split.module)
     params = params0.detach().clone().to(device).requires_grad_(True)
     target_pre, units = target_pre.to(device), units.to(device)
     _check_units(target_pre, units)  # once, not every step (each check would synchronise a GPU)
@@ -319,7 +323,7 @@ def optimise(split: ReluSplit, params0: Tensor, target_pre: Tensor, units: Tenso
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, config.steps, eta_min=config.lr / 100)
     curve = torch.empty(config.steps, device=device)
     with frozen(split.module):
-        for step in page.progress(range(config.steps), desc="vertex search", disable=not progress, leave=False):
+        for step in progress_bar(range(config.steps), desc="vertex search", disable=not progress, leave=False):
             optimiser.zero_grad(set_to_none=True)
             u = params if decode is None else decode(params)
             l_plus, l_i = _li_losses(split.pre(u), target_pre, units)
@@ -334,10 +338,17 @@ def optimise(split: ReluSplit, params0: Tensor, target_pre: Tensor, units: Tenso
     return params.detach(), curve.cpu()
 
 
-def find_polytopes(split: ReluSplit, targets: Tensor, starts: Tensor | None, n_vertices: int = 5,
-                   config: SearchConfig = SearchConfig(), units: Tensor | None = None,
-                   decode: Callable[[Tensor], Tensor] | None = None, params0: Tensor | None = None,
-                   progress: bool = True) -> Polytopes:
+def find_polytopes(
+    split: ReluSplit,
+    targets: Tensor,
+    starts: Tensor | None,
+    n_vertices: int = 5,
+    config: SearchConfig = SearchConfig(),
+    units: Tensor | None = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
+    params0: Tensor | None = None,
+    progress: bool = True,
+) -> Polytopes:
     """One polytope per target, ``n_vertices`` vertices each, all optimised in one batch.
 
     targets (T, *input_shape): the examples to collide with; starts (T, *input_shape): the initial points
@@ -361,8 +372,15 @@ def find_polytopes(split: ReluSplit, targets: Tensor, starts: Tensor | None, n_v
         raise ValueError(f"units must be (T, V) = ({len(targets)}, {n_vertices}), got {tuple(units.shape)}")
     T, V = units.shape
     start_time = time.perf_counter()
-    params, curve = optimise(split, params0.repeat_interleave(V, 0), target_pre.repeat_interleave(V, 0),
-                             units.reshape(-1), config, decode, progress)
+    params, curve = optimise(
+        split,
+        params0.repeat_interleave(V, 0),
+        target_pre.repeat_interleave(V, 0),
+        units.reshape(-1),
+        config,
+        decode,
+        progress,
+    )
     with torch.no_grad():
         vertices = params if decode is None else torch.cat([decode(p) for p in params.split(8)])
     if vertices.is_cuda:
@@ -370,13 +388,16 @@ def find_polytopes(split: ReluSplit, targets: Tensor, starts: Tensor | None, n_v
     seconds = time.perf_counter() - start_time
     with torch.no_grad():
         shown_starts = starts if decode is None else decode(params0.to(params.device))
-    return Polytopes(vertices.view(T, V, *split.input_shape).cpu(), params.view(T, V, *params.shape[1:]).cpu(),
-                     units.cpu(), target_pre.cpu(), shown_starts.cpu(), curve, seconds, config)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Sampling the polytope and measuring it
-# --------------------------------------------------------------------------------------------------------------
+    return Polytopes(
+        vertices.view(T, V, *split.input_shape).cpu(),
+        params.view(T, V, *params.shape[1:]).cpu(),
+        units.cpu(),
+        target_pre.cpu(),
+        shown_starts.cpu(),
+        curve,
+        seconds,
+        config,
+    )
 
 
 def convex_samples(vertices: Tensor, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -402,18 +423,28 @@ def mean_pairwise_distance(x: Tensor, scale: float = 1.0) -> float:
 def probabilities_from_pre(split: ReluSplit, pre: Tensor, batch: int = 2000) -> Tensor:
     """Softmax class probabilities (B, C) from the cut layer's pre-activations (B, N) (no second pass through the
     layers below the cut)."""
-    device = _device_of(split.module)
+    device = device_of(split.module)
     return torch.cat([torch.softmax(split.head(torch.relu(c.to(device))), 1).cpu() for c in pre.split(batch)])
 
 
 def _summary(values: Tensor) -> dict[str, float]:
-    return {"mean": float(values.float().mean()), "max": float(values.float().max()),
-            "min": float(values.float().min())}
+    return {
+        "mean": float(values.float().mean()),
+        "max": float(values.float().max()),
+        "min": float(values.float().min()),
+    }
 
 
-def measure_polytope(split: ReluSplit, target: Tensor, vertices: Tensor, n_samples: int = 2000,
-                     generator: torch.Generator | None = None, batch: int = 2000, scale: float = 1.0,
-                     keep_samples: int = 0) -> dict[str, Any]:
+def measure_polytope(
+    split: ReluSplit,
+    target: Tensor,
+    vertices: Tensor,
+    n_samples: int = 2000,
+    generator: torch.Generator | None = None,
+    batch: int = 2000,
+    scale: float = 1.0,
+    keep_samples: int = 0,
+) -> dict[str, Any]:
     """Li et al.'s Table 2/4/6 numbers for one polytope, plus Proposition 1's residuals.
 
     target (*input_shape), vertices (V, *input_shape). Returns a dict: same_class_pct (samples classified as the
@@ -448,15 +479,26 @@ def measure_polytope(split: ReluSplit, target: Tensor, vertices: Tensor, n_sampl
     }
 
 
-def measure_polytopes(split: ReluSplit, targets: Tensor, polys: Polytopes, n_samples: int = 2000,
-                      generator: torch.Generator | None = None, batch: int = 2000, scale: float = 1.0,
-                      keep_samples: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+def measure_polytopes(
+    split: ReluSplit,
+    targets: Tensor,
+    polys: Polytopes,
+    n_samples: int = 2000,
+    generator: torch.Generator | None = None,
+    batch: int = 2000,
+    scale: float = 1.0,
+    keep_samples: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """``measure_polytope`` for every polytope of ``polys``; targets (T, *input_shape) in the same order."""
     if len(targets) != polys.n_polytopes:
         raise ValueError(f"{len(targets)} targets for {polys.n_polytopes} polytopes; give one target per polytope")
-    return [measure_polytope(split, t, v, n_samples, generator, batch, scale, keep_samples)
-            for t, v in page.progress(list(zip(targets, polys.vertices)), desc="sampling polytopes", disable=not progress,
-                             leave=False)]
+    return [
+        measure_polytope(split, t, v, n_samples, generator, batch, scale, keep_samples)
+        for t, v in progress_bar(
+            list(zip(targets, polys.vertices)), desc="sampling polytopes", disable=not progress, leave=False
+        )
+    ]
 
 
 def table_row(report: dict[str, Any], image_distance: float) -> dict[str, Any]:
@@ -480,9 +522,16 @@ def table_row(report: dict[str, Any], image_distance: float) -> dict[str, Any]:
 
 def timing_row(name: str, polys: Polytopes, device: torch.device | str) -> dict[str, Any]:
     """Wall time of a batched search: total, per vertex and per polytope (seconds)."""
-    return {"search": name, "device": str(device), "polytopes": polys.n_polytopes, "vertices": polys.n_vertices,
-            "steps": polys.config.steps, "seconds": polys.seconds, "s_per_vertex": polys.seconds_per_vertex(),
-            "s_per_polytope": polys.seconds_per_polytope()}
+    return {
+        "search": name,
+        "device": str(device),
+        "polytopes": polys.n_polytopes,
+        "vertices": polys.n_vertices,
+        "steps": polys.config.steps,
+        "seconds": polys.seconds,
+        "s_per_vertex": polys.seconds_per_vertex(),
+        "s_per_polytope": polys.seconds_per_polytope(),
+    }
 
 
 def other_class_indices(labels: Tensor, targets: Sequence[int], generator: torch.Generator | None = None) -> list[int]:
@@ -497,8 +546,14 @@ def other_class_indices(labels: Tensor, targets: Sequence[int], generator: torch
     return chosen
 
 
-def distance_sweep(split: ReluSplit, targets: Tensor, starts: Tensor, configs: Sequence[SearchConfig],
-                   n_vertices: int = 5, progress: bool = True) -> list[dict[str, Any]]:
+def distance_sweep(
+    split: ReluSplit,
+    targets: Tensor,
+    starts: Tensor,
+    configs: Sequence[SearchConfig],
+    n_vertices: int = 5,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Polytope size and collision quality for several optimiser settings (the push term is unbounded below except
     by the pixel box, so how far the vertices travel is set by the optimiser: learning rate x steps).
 
@@ -511,16 +566,23 @@ def distance_sweep(split: ReluSplit, targets: Tensor, starts: Tensor, configs: S
         polys = find_polytopes(split, targets, starts, n_vertices, config, progress=progress)
         pre = pre_activations(split, polys.vertices.flatten(0, 1))
         res = prop1_residuals(pre, polys.target_pre.repeat_interleave(polys.n_vertices, 0))
-        rows.append({"lr": config.lr, "steps": config.steps, "alpha": config.alpha,
-                     "vertex_distance": float(np.mean([mean_pairwise_distance(v) for v in polys.vertices])),
-                     "to_start": float((polys.vertices - starts[:, None]).flatten(2).norm(dim=2).mean()),
-                     "to_target": float((polys.vertices - targets[:, None]).flatten(2).norm(dim=2).mean()),
-                     "act_rel_max": float(res["act_rel"].max()), "seconds": polys.seconds,
-                     "vertices": polys.vertices})
+        rows.append(
+            {
+                "lr": config.lr,
+                "steps": config.steps,
+                "alpha": config.alpha,
+                "vertex_distance": float(np.mean([mean_pairwise_distance(v) for v in polys.vertices])),
+                "to_start": float((polys.vertices - starts[:, None]).flatten(2).norm(dim=2).mean()),
+                "to_target": float((polys.vertices - targets[:, None]).flatten(2).norm(dim=2).mean()),
+                "act_rel_max": float(res["act_rel"].max()),
+                "seconds": polys.seconds,
+                "vertices": polys.vertices,
+            }
+        )
     return rows
 
 
-def polytope_figure(rows: Sequence[dict[str, Any]], difference: bool = False, size: float = 1.1) -> "plt.Figure":
+def polytope_figure(rows: Sequence[dict[str, Any]], difference: bool = False, size: float = 1.1) -> plt.Figure:
     """Li et al.'s Table 1/3/5 as a figure, one row per polytope.
 
     Each row: {"label": str, "target": (C,H,W), "vertices": (V,C,H,W), "samples": (S,C,H,W), optional "start":
@@ -530,19 +592,26 @@ def polytope_figure(rows: Sequence[dict[str, Any]], difference: bool = False, si
     """
     import matplotlib.pyplot as plt
 
-    from .plotting import MAX_WIDTH_IN, to_image
+    from helpers.book.plotting import MAX_WIDTH_IN, to_image
 
     def items(row: dict[str, Any]) -> list[tuple[str, Tensor]]:
         head = [("target", row["target"])] + ([("start", row["start"])] if row.get("start") is not None else [])
         tail = [("indicator", row["vertices"][0])] if row.get("boxes") else []
-        return head + [(f"vertex {i}", v) for i, v in enumerate(row["vertices"])] + \
-            [(f"sample {i}", x) for i, x in enumerate(row["samples"])] + tail
+        return (
+            head
+            + [(f"vertex {i}", v) for i, v in enumerate(row["vertices"])]
+            + [(f"sample {i}", x) for i, x in enumerate(row["samples"])]
+            + tail
+        )
 
     n_cols = max(len(items(r)) for r in rows)
     size = min(size, MAX_WIDTH_IN / n_cols)
     fig, axes = plt.subplots(len(rows), n_cols, figsize=(size * n_cols, size * len(rows) + 0.3), squeeze=False)
-    scale = max(float((torch.cat([r["vertices"], r["samples"]]) - r["target"]).abs().max()) for r in rows) \
-        if difference else 1.0
+    scale = (
+        max(float((torch.cat([r["vertices"], r["samples"]]) - r["target"]).abs().max()) for r in rows)
+        if difference
+        else 1.0
+    )
     for r, row in enumerate(rows):
         entries = items(row)
         for c, ax in enumerate(axes[r]):
@@ -560,15 +629,11 @@ def polytope_figure(rows: Sequence[dict[str, Any]], difference: bool = False, si
                 for top, left, h, w in row["boxes"]:
                     ax.add_patch(plt.Rectangle((left - 0.5, top - 0.5), w, h, fill=False, color="purple", lw=1.5))
             ax.set_title(title, fontsize=7)
-        axes[r][0].text(-0.12, 0.5, row["label"], transform=axes[r][0].transAxes, rotation=90, va="center",
-                        ha="right", fontsize=7)
+        axes[r][0].text(
+            -0.12, 0.5, row["label"], transform=axes[r][0].transAxes, rotation=90, va="center", ha="right", fontsize=7
+        )
     fig.tight_layout()
     return fig
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Where Proposition 1 can apply: N+ (active units) against d (input dimension) at every ReLU layer
-# --------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -580,209 +645,22 @@ def active_counts(model: nn.Sequential, x: Tensor) -> list[dict[str, Any]]:
     for idx in relu_indices(model):
         pre = model[:idx](x).flatten(1)
         n_plus = (pre > 0).sum(1).float()
-        rows.append({"relu_index": idx, "layer": type(model[idx - 1]).__name__, "units": pre.shape[1],
-                     "active_mean": float(n_plus.mean()), "active_max": int(n_plus.max()), "d": d,
-                     "n_plus_below_d": bool(n_plus.max() < d)})
+        rows.append(
+            {
+                "relu_index": idx,
+                "layer": type(model[idx - 1]).__name__,
+                "units": pre.shape[1],
+                "active_mean": float(n_plus.mean()),
+                "active_max": int(n_plus.max()),
+                "d": d,
+                "n_plus_below_d": bool(n_plus.max() < d),
+            }
+        )
     return rows
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Patch composition (Li et al., Sec. 4)
-# --------------------------------------------------------------------------------------------------------------
-
-#: scikit-image sample images used as the patch "dataset" and for the image-to-image distance (no download).
-PATCH_SOURCES: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
-                                  "immunohistochemistry", "retina", "colorwheel", "camera", "brick", "grass",
-                                  "gravel", "moon", "clock", "coins", "motorcycle_left", "motorcycle_right")
-
-
-def sample_image(name: str) -> np.ndarray:
-    """A scikit-image sample image as (H, W, 3) uint8 (grey images repeated to 3 channels)."""
-    import skimage.data
-
-    if name.startswith("motorcycle_"):
-        left, right, _ = skimage.data.stereo_motorcycle()
-        arr = left if name.endswith("left") else right
-    elif name in PATCH_SOURCES:
-        arr = getattr(skimage.data, name)()
-    else:
-        raise ValueError(f"unknown sample image {name!r}; valid: {', '.join(PATCH_SOURCES)}")
-    arr = np.asarray(arr)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    return np.ascontiguousarray(arr[..., :3]).astype(np.uint8)
-
-
-def resized_pixels(arr: np.ndarray, shorter: int) -> Tensor:
-    """(H, W, 3) uint8 -> (3, H', W') uint8 with the shorter side resized to ``shorter`` (antialiased)."""
-    from torchvision.transforms import v2
-
-    return v2.Resize(shorter, antialias=True)(torch.from_numpy(arr).permute(2, 0, 1).contiguous())
-
-
-def extract_patches(image: Tensor, size: int, stride: int) -> Tensor:
-    """All size x size patches of an image (C, H, W) on a sliding window with ``stride``: (P, C, size, size)."""
-    if image.dim() != 3 or image.shape[1] < size or image.shape[2] < size:
-        raise ValueError(f"image must be (C, H, W) with H, W >= patch size {size}, got {tuple(image.shape)}")
-    if size < 1 or stride < 1:
-        raise ValueError(f"patch size and stride must be >= 1, got {size}, {stride}")
-    p = image.unfold(1, size, stride).unfold(2, size, stride)  # (C, nH, nW, size, size)
-    return p.permute(1, 2, 0, 3, 4).reshape(-1, image.shape[0], size, size)
-
-
-def patch_bank(names: Sequence[str], size: int = 32, stride: int = 8, shorter: int = 256) -> Tensor:
-    """Patches of the named sample images (each resized to a shorter side of ``shorter`` px), uint8 (P, 3, s, s)."""
-    return torch.cat([extract_patches(resized_pixels(sample_image(n), shorter), size, stride) for n in names])
-
-
-def grid_patches(image: Tensor, size: int) -> Tensor:
-    """Non-overlapping size x size tiles of an image (C, H, W) (H, W multiples of size), row-major: (L, C, s, s)."""
-    if image.shape[1] % size or image.shape[2] % size:
-        raise ValueError(f"image sides {tuple(image.shape[1:])} must be multiples of the patch size {size}")
-    return extract_patches(image, size, size)
-
-
-@torch.no_grad()
-def nearest_patches(queries: Tensor, bank: Tensor, k: int, chunk: int = 16384) -> tuple[Tensor, Tensor]:
-    """Exact k nearest neighbours (l2 on [0, 1] pixels) of each query patch (L, C, s, s) in bank (P, C, s, s) (uint8
-    or float in [0, 1]), by ``torch.cdist`` over chunks of the bank. Returns (indices (L, k), distances (L, k))."""
-    if queries.shape[1:] != bank.shape[1:]:
-        raise ValueError(f"query patches {tuple(queries.shape[1:])} and bank patches {tuple(bank.shape[1:])} differ")
-    if not 1 <= k <= len(bank):
-        raise ValueError(f"k must be between 1 and the bank size {len(bank)}, got {k}")
-    q = _unit_float(queries).flatten(1)
-    best_d = torch.full((len(q), 0), math.inf)
-    best_i = torch.zeros((len(q), 0), dtype=torch.long)
-    for start in range(0, len(bank), chunk):
-        d = torch.cdist(q, _unit_float(bank[start:start + chunk]).flatten(1))
-        cand_d = torch.cat([best_d, d], 1)
-        cand_i = torch.cat([best_i, torch.arange(start, start + d.shape[1]).expand(len(q), -1)], 1)
-        best_d, order = cand_d.topk(min(k, cand_d.shape[1]), dim=1, largest=False)
-        best_i = cand_i.gather(1, order)
-    return best_i, best_d
-
-
-def _unit_float(x: Tensor) -> Tensor:
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-
-
-@dataclass
-class PatchComposition:
-    """Images as per-pixel softmax mixtures of k retrieved patches at each of L grid locations.
-
-    candidates (L, k, C, s, s) float pixels in [0, 1]; grid (rows, cols) with rows * cols = L. Parameters θ have
-    shape (B, L, k, s, s): at every pixel of every location the k coefficients softmax(θ) lie in (0, 1), sum to 1.
-    """
-
-    candidates: Tensor
-    grid: tuple[int, int]
-    distances: Tensor = field(default_factory=lambda: torch.empty(0))
-
-    @property
-    def param_shape(self) -> tuple[int, ...]:
-        L, k, _, s, _ = self.candidates.shape
-        return (L, k, s, s)
-
-    def decode(self, theta: Tensor) -> Tensor:
-        """θ (B, L, k, s, s) -> images (B, C, rows*s, cols*s) in [0, 1]."""
-        if theta.dim() != 5 or tuple(theta.shape[1:]) != self.param_shape:
-            raise ValueError(f"patch coefficients must be (B, {', '.join(map(str, self.param_shape))}), "
-                             f"got {tuple(theta.shape)}")
-        weights = torch.softmax(theta, dim=2).unsqueeze(3)                     # (B, L, k, 1, s, s)
-        tiles = (weights * self.candidates.to(theta.device)).sum(2)           # (B, L, C, s, s)
-        B, (rows, cols), (C, s) = len(theta), self.grid, tiles.shape[2:4]
-        return tiles.view(B, rows, cols, C, s, s).permute(0, 3, 1, 4, 2, 5).reshape(B, C, rows * s, cols * s)
-
-    def coefficients(self, theta: Tensor) -> Tensor:
-        """The mixing coefficients softmax(θ) over the k patches: (B, L, k, s, s)."""
-        return torch.softmax(theta, dim=2)
-
-
-def build_composition(image: Tensor, bank: Tensor, k: int, size: int = 32) -> PatchComposition:
-    """Tile ``image`` (C, H, W) in [0, 1] into size x size patches and retrieve each tile's k nearest bank patches."""
-    tiles = grid_patches(image, size)
-    idx, dist = nearest_patches(tiles, bank, k)
-    candidates = _unit_float(bank[idx.flatten()]).view(len(tiles), k, *bank.shape[1:])
-    return PatchComposition(candidates, (image.shape[1] // size, image.shape[2] // size), dist)
-
-
-def sample_pixels(name: str, size: int = 224) -> Tensor:
-    """A scikit-image sample image (see ``PATCH_SOURCES``) preprocessed like ImageNet: (3, size, size) in [0, 1]."""
-    from PIL import Image
-
-    from .data import imagenet_pixels
-
-    return imagenet_pixels(Image.fromarray(sample_image(name)), size)[0]
-
-
-def changed_boxes(vertices: Tensor, grid: tuple[int, int], size: int, top: int = 3) -> list[tuple[int, int, int, int]]:
-    """The ``top`` grid locations where the vertices (V, C, H, W) differ most (``location_change``), as
-    (top, left, height, width) pixel boxes (Li et al.'s Table 5 indicator)."""
-    change = location_change(vertices, grid, size).flatten()
-    return [(int(i) // grid[1] * size, int(i) % grid[1] * size, size, size)
-            for i in change.topk(min(top, len(change))).indices]
-
-
-def location_change(vertices: Tensor, grid: tuple[int, int], size: int) -> Tensor:
-    """Per grid location, the mean l2 distance of the vertices (V, C, H, W) from their mean there: (rows, cols)."""
-    centred = vertices - vertices.mean(0, keepdim=True)
-    V, C, H, W = centred.shape
-    tiles = centred.view(V, C, grid[0], size, grid[1], size).permute(0, 2, 4, 1, 3, 5).flatten(3)
-    return tiles.norm(dim=3).mean(0)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Command line: python -m helpers polytope MODEL ...
-# --------------------------------------------------------------------------------------------------------------
-
 MNIST_SPLITS = {"mnist_mlp_2x256": 2, "lenet5": 8}  # the ReLU position of the collision layer (first hidden / fc1)
+
+
 #: The MNIST chapter's search settings (pixels in [0, 1]); see chapter 08 for how the polytope size depends on them.
 MNIST_CONFIG = SearchConfig(alpha=100.0, steps=1000, lr=0.2)
-
-
-def add_cli(subparsers: Any) -> None:
-    """``python -m helpers polytope MODEL``: polytopes around MNIST test digits, with Table 2's numbers."""
-    from .__main__ import add_common
-
-    p = subparsers.add_parser("polytope", help="Li et al.'s colliding polytopes around MNIST test digits")
-    p.add_argument("model", choices=tuple(MNIST_SPLITS), help="a book-trained MNIST model")
-    p.add_argument("--target", type=int, default=0, help="index of the target in the MNIST test set")
-    p.add_argument("--start", type=int, default=None, help="start from this test image (default: the target)")
-    p.add_argument("--vertices", type=int, default=5)
-    p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--steps", type=int, default=MNIST_CONFIG.steps)
-    p.add_argument("--alpha", type=float, default=MNIST_CONFIG.alpha)
-    p.add_argument("--lr", type=float, default=MNIST_CONFIG.lr)
-    add_common(p)
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from . import data, models, runtime, train
-
-    device = runtime.resolve_device(args.device)
-    if args.weights != "random":
-        train.train_mnist(train.CANONICAL[args.model], device)  # trains once, then cached
-    loaded = models.load(args.model, args.weights, device)
-    images, _ = data.mnist(train=False)
-    for index in (args.target, args.start if args.start is not None else args.target):
-        if not 0 <= index < len(images):
-            raise ValueError(f"test image index {index} out of range; valid: 0..{len(images) - 1}")
-    split = split_sequential(loaded.model, MNIST_SPLITS[args.model], (1, 28, 28))
-    target = images[args.target:args.target + 1]
-    start = images[args.start:args.start + 1] if args.start is not None else target
-    config = SearchConfig(alpha=args.alpha, steps=args.steps, lr=args.lr)
-    polys = find_polytopes(split, target, start, args.vertices, config, progress=not args.json)
-    report = measure_polytope(split, target[0], polys.vertices[0], args.samples, torch.Generator().manual_seed(0))
-    report.pop("samples_kept")
-    train_images, _ = data.mnist(train=True)
-    image_distance = mean_pairwise_distance(train_images[torch.randperm(len(train_images),
-                                                                        generator=torch.Generator().manual_seed(0))[:1000]])
-    summary = {"model": args.model, "weights": loaded.weights, "layer": split.name, **asdict(config),
-               **table_row(report, image_distance), "seconds_per_vertex": polys.seconds_per_vertex(),
-               "seconds_per_polytope": polys.seconds_per_polytope()}
-    if args.json:
-        print(json.dumps({**summary, "report": report}, indent=1))
-    else:
-        print("\n".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()))
-    return 0

@@ -6,6 +6,7 @@
 Chapters are the notebooks listed in ``_toc.yml``. A chapter is re-executed only when its notebook, its
 parameters, the ``helpers`` package or the pinned requirements change.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,15 @@ from pathlib import Path
 
 import yaml
 
-from . import page, results
+from helpers import progress, runtime
+from helpers.book import results
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = runtime.repo_root()
+
+
 BUILD = ROOT / "_build"
+
+
 KERNEL = "collisions-book"
 
 
@@ -56,8 +62,16 @@ def chapter_titles() -> dict[str, str]:
     titles = {}
     for nb in chapter_notebooks():
         cells = json.loads(nb.read_text())["cells"]
-        heading = next((line.lstrip("# ").strip() for c in cells if c["cell_type"] == "markdown"
-                        for line in "".join(c["source"]).splitlines() if line.startswith("# ")), nb.stem)
+        heading = next(
+            (
+                line.lstrip("# ").strip()
+                for c in cells
+                if c["cell_type"] == "markdown"
+                for line in "".join(c["source"]).splitlines()
+                if line.startswith("# ")
+            ),
+            nb.stem,
+        )
         titles[nb.stem] = heading
     return titles
 
@@ -65,8 +79,11 @@ def chapter_titles() -> dict[str, str]:
 def _tree_digest(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) \
-            if path.is_dir() else [path]
+        files = (
+            sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+            if path.is_dir()
+            else [path]
+        )
         for f in files:
             digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
             digest.update(f.read_bytes())
@@ -88,8 +105,11 @@ def _kernel_env() -> dict[str, str]:
     """
     spec_dir = BUILD / "jupyter" / "kernels" / KERNEL
     spec_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--log-level=ERROR"],
-            "display_name": "Python (collisions-book)", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--log-level=ERROR"],
+        "display_name": "Python (collisions-book)",
+        "language": "python",
+    }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     env = dict(os.environ)
     env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(BUILD / "jupyter"), env.get("JUPYTER_PATH")]))
@@ -109,7 +129,7 @@ def execute(parameters: dict[str, object], out: Path, force: bool = False, only:
     import papermill
 
     os.environ.update(_kernel_env())
-    os.environ[page.STATIC_PROGRESS_ENV] = "1"
+    os.environ[progress.STATIC_PROGRESS_ENV] = "1"
     executed = out / "executed"
     executed.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -128,8 +148,15 @@ def execute(parameters: dict[str, object], out: Path, force: bool = False, only:
         print(f"[book] {nb.stem}: executing ...", flush=True)
         start = time.perf_counter()
         try:
-            papermill.execute_notebook(str(nb), str(target), parameters=parameters, kernel_name=KERNEL,
-                                       cwd=str(nb.parent), progress_bar=False, log_output=False)
+            papermill.execute_notebook(
+                str(nb),
+                str(target),
+                parameters=parameters,
+                kernel_name=KERNEL,
+                cwd=str(nb.parent),
+                progress_bar=False,
+                log_output=False,
+            )
         except Exception as err:  # papermill's error names the failing cell; keep going, fail at the end
             runs.append(Run(nb.stem, "FAILED", time.perf_counter() - start, str(err).strip()[-3000:]))
             print(f"[book] {nb.stem}: FAILED\n{runs[-1].error}", flush=True)
@@ -158,6 +185,8 @@ def _tag(cell: dict, tag: str) -> None:
 
 #: The Open-in-Colab badge image is remote; the rendered book uses a local copy so it shows offline.
 COLAB_BADGE_URL = "https://colab.research.google.com/assets/colab-badge.svg"
+
+
 LOCAL_COLAB_BADGE = "/_static/colab-badge.svg"
 
 
@@ -244,8 +273,9 @@ def render(src: Path, path_output: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.book", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.book", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("action", choices=["build", "execute", "scoreboard"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--weights", default="auto", choices=["auto", "pretrained", "random"])

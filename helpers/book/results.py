@@ -3,25 +3,40 @@
 Each chapter records its claims: what the paper says, what we measured, the weights used and a status.
 The build turns all results files into the Reproduction scoreboard page.
 """
+
 from __future__ import annotations
 
 import html
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from . import page, runtime
+from helpers import runtime
+from helpers.book import page
 
 REPRODUCED = "reproduced"
+
+
 DIFFERS = "differs"
+
+
 NOT_CHECKABLE = "not checkable with random weights"
+
+
 PENDING = "pending"
+
+
 # For questions a paper asks but does not answer (e.g. Sec. 7's proposed gauges): a measurement, not a reproduction.
 SUPPORTED = "open question: supported"
+
+
 NOT_SUPPORTED = "open question: not supported"
+
+
 STATUSES = (REPRODUCED, DIFFERS, NOT_CHECKABLE, PENDING, SUPPORTED, NOT_SUPPORTED)
 
 
@@ -57,8 +72,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def save(chapter: str, claims: Iterable[Claim], *, quick: bool, device: str,
-         extra: dict[str, Any] | None = None, figures: Iterable[str] = ()) -> Path:
+def save(
+    chapter: str,
+    claims: Iterable[Claim],
+    *,
+    quick: bool,
+    device: str,
+    extra: dict[str, Any] | None = None,
+    figures: Iterable[str] = (),
+) -> Path:
     """Write ``results/<chapter>.json`` atomically and return its path (``figures``: names the chapter showed)."""
     payload = {
         "chapter": chapter,
@@ -104,10 +126,15 @@ class Checks:
         self.items.append((what, "skipped", why))
 
     def html(self) -> str:
-        rows = "".join(f'<tr class="check-{o}"><td class="check-outcome">{CHECK_OUTCOMES[o]}</td>'
-                       f"<td>{html.escape(w)}</td><td>{html.escape(m)}</td></tr>" for w, o, m in self.items)
-        return (f'<div class="collisions-table checks"><table><thead><tr><th>check</th><th>must hold</th>'
-                f"<th>measured</th></tr></thead><tbody>{rows}</tbody></table></div>")
+        rows = "".join(
+            f'<tr class="check-{o}"><td class="check-outcome">{CHECK_OUTCOMES[o]}</td>'
+            f"<td>{html.escape(w)}</td><td>{html.escape(m)}</td></tr>"
+            for w, o, m in self.items
+        )
+        return (
+            f'<div class="collisions-table checks"><table><thead><tr><th>check</th><th>must hold</th>'
+            f"<th>measured</th></tr></thead><tbody>{rows}</tbody></table></div>"
+        )
 
     def finish(self) -> None:
         text = "\n".join(f"{CHECK_OUTCOMES[o]:<10} {w}: {m}" for w, o, m in self.items)
@@ -126,16 +153,20 @@ def banner_html(random_ones: Iterable[Any]) -> str:
     random_ones = list(random_ones)
     lines = "".join(f"<li><code>{html.escape(m.spec.name)}</code>: {html.escape(m.detail)}</li>" for m in random_ones)
     if len(random_ones) > BANNER_OPEN_UP_TO:  # a long list folds; every reason is one click away
-        lines = (f"<details><summary>{len(random_ones)} models, each with the reason it fell back</summary>"
-                 f"<ul>{lines}</ul></details>")
+        lines = (
+            f"<details><summary>{len(random_ones)} models, each with the reason it fell back</summary>"
+            f"<ul>{lines}</ul></details>"
+        )
     else:
         lines = f"<ul>{lines}</ul>"
-    return ('<div class="admonition warning random-weights">'
-            "<p class='admonition-title'>Random weights</p>"
-            "<p>Pretrained weights could not be loaded here, so the models below run with random initialisation. "
-            "Everything that follows from the <i>shapes</i> of the weights still holds; claims that need trained "
-            "weights are reported as <i>not checkable with random weights</i>. Run on Colab, or with the "
-            f"checkpoints in the torch/timm cache, for the trained numbers.</p>{lines}</div>")
+    return (
+        '<div class="admonition warning random-weights">'
+        "<p class='admonition-title'>Random weights</p>"
+        "<p>Pretrained weights could not be loaded here, so the models below run with random initialisation. "
+        "Everything that follows from the <i>shapes</i> of the weights still holds; claims that need trained "
+        "weights are reported as <i>not checkable with random weights</i>. Run on Colab, or with the "
+        f"checkpoints in the torch/timm cache, for the trained numbers.</p>{lines}</div>"
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -146,8 +177,12 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(rows: Iterable[dict[str, Any]], columns: Iterable[str] | None = None,
-                   labels: dict[str, str] | None = None, digits: int = 4) -> str:
+def markdown_table(
+    rows: Iterable[dict[str, Any]],
+    columns: Iterable[str] | None = None,
+    labels: dict[str, str] | None = None,
+    digits: int = 4,
+) -> str:
     """A markdown table of dict rows: floats to ``digits`` significant digits, None as an em dash, objects with a
     ``text()`` method (e.g. ``gauge.Correlation``) by that text, string cells and headers renamed by ``labels``."""
     rows = list(rows)
@@ -178,16 +213,31 @@ def scoreboard_markdown(records: list[dict[str, Any]], chapter_titles: dict[str,
         rows = ["| status | claim | paper | ours | weights | reason |", "|---|---|---|---|---|---|"]
         for c in record["claims"]:
             counts[c["status"]] = counts.get(c["status"], 0) + 1
-            rows.append("| " + " | ".join([status_badge(c["status"]), _fmt(c["description"]), _fmt(c["paper"]),
-                                            _fmt(c["ours"]), _fmt(c["weights"]), _fmt(c["reason"])]) + " |")
+            rows.append(
+                "| "
+                + " | ".join(
+                    [
+                        status_badge(c["status"]),
+                        _fmt(c["description"]),
+                        _fmt(c["paper"]),
+                        _fmt(c["ours"]),
+                        _fmt(c["weights"]),
+                        _fmt(c["reason"]),
+                    ]
+                )
+                + " |"
+            )
         mode = " (quick mode)" if record.get("quick") else ""
         sections += [f"## [{title}](chapters/{record['chapter']}.ipynb){mode}", "", *rows, ""]
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     head = [
-        "# Reproduction scoreboard", "",
+        "# Reproduction scoreboard",
+        "",
         "Generated by `make build` from `results/*.json`: every number below was recomputed by the chapter it "
         "links to; the paper's value is shown only beside it. *Not checkable with random weights* means the "
-        "claim needs trained weights that this build could not load.", "",
-        f"**{summary or 'no claims recorded yet'}.**", "",
+        "claim needs trained weights that this build could not load.",
+        "",
+        f"**{summary or 'no claims recorded yet'}.**",
+        "",
     ]
     return "\n".join(head + sections) + "\n"

@@ -12,6 +12,7 @@ maths says, and what the chapter measures:
 
 All maps here: images (N, C, H, W) in the model's input space, targets (N,) class indices.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,8 +30,9 @@ def _targets(target: int | torch.Tensor, n: int) -> torch.Tensor:
     return t
 
 
-def gradcam(model: nn.Module, images: torch.Tensor, target: int | torch.Tensor, layer: nn.Module,
-            upsample: bool = True) -> torch.Tensor:
+def gradcam(
+    model: nn.Module, images: torch.Tensor, target: int | torch.Tensor, layer: nn.Module, upsample: bool = True
+) -> torch.Tensor:
     """Grad-CAM (captum ``LayerGradCam``) at ``layer``, ReLU'd as in Selvaraju et al.
 
     Returns (N, H, W) (upsampled bilinearly to the input size when ``upsample``), else (N, h, w) at the
@@ -38,20 +40,29 @@ def gradcam(model: nn.Module, images: torch.Tensor, target: int | torch.Tensor, 
     """
     from captum.attr import LayerAttribution, LayerGradCam
 
-    cam = LayerGradCam(model, layer).attribute(images, target=_targets(target, len(images)).to(images.device),
-                                               relu_attributions=True)
+    cam = LayerGradCam(model, layer).attribute(
+        images, target=_targets(target, len(images)).to(images.device), relu_attributions=True
+    )
     if upsample:
         cam = LayerAttribution.interpolate(cam, tuple(images.shape[-2:]), interpolate_mode="bilinear")
     return cam[:, 0].detach()
 
 
-def integrated_gradients(model: nn.Module, images: torch.Tensor, target: int | torch.Tensor,
-                         baseline: torch.Tensor | float = 0.0, n_steps: int = 32) -> torch.Tensor:
+def integrated_gradients(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: int | torch.Tensor,
+    baseline: torch.Tensor | float = 0.0,
+    n_steps: int = 32,
+) -> torch.Tensor:
     """Integrated Gradients (captum), (N, C, H, W), with a constant or tensor baseline (default black)."""
     from captum.attr import IntegratedGradients
 
-    return IntegratedGradients(model).attribute(images, baselines=baseline, n_steps=n_steps,
-                                                target=_targets(target, len(images)).to(images.device)).detach()
+    return (
+        IntegratedGradients(model)
+        .attribute(images, baselines=baseline, n_steps=n_steps, target=_targets(target, len(images)).to(images.device))
+        .detach()
+    )
 
 
 def saliency(model: nn.Module, images: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
@@ -59,8 +70,7 @@ def saliency(model: nn.Module, images: torch.Tensor, target: int | torch.Tensor)
     from captum.attr import Saliency
 
     images = images.detach().clone().requires_grad_(True)
-    return Saliency(model).attribute(images, target=_targets(target, len(images)).to(images.device),
-                                     abs=False).detach()
+    return Saliency(model).attribute(images, target=_targets(target, len(images)).to(images.device), abs=False).detach()
 
 
 def map_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -69,29 +79,41 @@ def map_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
         raise ValueError(f"maps must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     diff = (a - b).double()
     scale = a.double().abs().max().clamp_min(1e-300)
-    return {"max_abs": float(diff.abs().max()), "max_rel": float(diff.abs().max() / scale),
-            "l2_rel": float(diff.norm() / a.double().norm().clamp_min(1e-300))}
+    return {
+        "max_abs": float(diff.abs().max()),
+        "max_rel": float(diff.abs().max() / scale),
+        "l2_rel": float(diff.norm() / a.double().norm().clamp_min(1e-300)),
+    }
 
 
-def explain_pair(model: nn.Module, x: torch.Tensor, x_hat: torch.Tensor, target: int,
-                 layer: nn.Module | None = None, n_steps: int = 32) -> dict[str, Any]:
+def explain_pair(
+    model: nn.Module,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    target: int,
+    layer: nn.Module | None = None,
+    n_steps: int = 32,
+) -> dict[str, Any]:
     """Grad-CAM (if ``layer``), Integrated Gradients and gradients for a pair (1, C, H, W) each; returns the
     maps {"gradcam": (2, H, W), "ig": (2, C, H, W), "saliency": (2, C, H, W)} and their differences."""
     both = torch.cat([x, x_hat])
-    maps = {"ig": integrated_gradients(model, both, target, n_steps=n_steps),
-            "saliency": saliency(model, both, target)}
+    maps = {"ig": integrated_gradients(model, both, target, n_steps=n_steps), "saliency": saliency(model, both, target)}
     if layer is not None:
         maps["gradcam"] = gradcam(model, both, target, layer)
     return {"maps": maps, "differences": {k: map_difference(v[0], v[1]) for k, v in maps.items()}}
 
 
-def pair_figure(images: torch.Tensor, maps: dict[str, torch.Tensor], titles: tuple[str, str] = ("clean", "colliding"),
-                differences: dict[str, dict[str, float]] | None = None) -> Any:
+def pair_figure(
+    images: torch.Tensor,
+    maps: dict[str, torch.Tensor],
+    titles: tuple[str, str] = ("clean", "colliding"),
+    differences: dict[str, dict[str, float]] | None = None,
+) -> Any:
     """Rows: the two images (rescaled for display if outside [0, 1]) and their maps (Grad-CAM, IG, gradients;
     channel-summed), each map pair on a shared colour scale; titles carry max |difference| when given."""
     import matplotlib.pyplot as plt
 
-    from . import plotting
+    from helpers.book import plotting
 
     kinds = [k for k in ("gradcam", "ig", "saliency") if k in maps]
     names = {"gradcam": "Grad-CAM", "ig": "Integrated Gradients", "saliency": "gradient"}
@@ -118,8 +140,9 @@ def pair_figure(images: torch.Tensor, maps: dict[str, torch.Tensor], titles: tup
     return fig
 
 
-def path_gradient(model: nn.Module, image: torch.Tensor, target: int, baseline: float = 0.0,
-                  n_steps: int = 32) -> torch.Tensor:
+def path_gradient(
+    model: nn.Module, image: torch.Tensor, target: int, baseline: float = 0.0, n_steps: int = 32
+) -> torch.Tensor:
     """The path-integrated gradient G with IG = (x - baseline) * G, using captum's Gauss-Legendre nodes and
     weights (the same quadrature ``integrated_gradients`` uses). image (1, C, H, W) -> (1, C, H, W)."""
     from captum.attr._utils.approximation_methods import approximation_parameters

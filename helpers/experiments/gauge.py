@@ -13,14 +13,14 @@ partial correlations controlling for the obvious confounders (clean accuracy, pa
 Pixels are in [0, 1] with no normalisation (the book's MNIST models take pixels directly), so l_inf and l2
 budgets are in pixel units.
 """
+
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,9 +28,10 @@ import torchattacks
 from scipy import stats
 from torch import nn
 
-from . import data, page, results, train
-
-# --- the sweep ------------------------------------------------------------------------------------------
+from helpers.data import mnist_data, normalization, photos
+from helpers.models import train
+from helpers.models.forward import device_of
+from helpers.progress import progress_bar
 
 #: The first-layer widths swept per family: MLP (W1: w x 784), patch embedding with 7x7 patches
 #: (W1: embed x 49), CNN with 4x4 kernels, stride 2 (W1: channels x 16). Each goes from far narrower
@@ -40,14 +41,23 @@ SWEEP_FULL: dict[str, tuple[int, ...]] = {
     "patch": (4, 8, 16, 32, 48, 64, 96),
     "cnn": (2, 4, 8, 12, 16, 32),
 }
+
+
 SWEEP_QUICK: dict[str, tuple[int, ...]] = {"mlp": (16, 1024), "patch": (8, 64), "cnn": (4, 32)}
+
+
 FAMILIES = tuple(SWEEP_FULL)
+
+
 PATCH_SIZE = 7
+
+
 CNN_KERNEL, CNN_STRIDE = 4, 2
 
 
-def family_config(family: str, width: int, seed: int = 0, epochs: int = 2,
-                  train_size: int | None = None) -> train.TrainConfig:
+def family_config(
+    family: str, width: int, seed: int = 0, epochs: int = 2, train_size: int | None = None
+) -> train.TrainConfig:
     """The training configuration of one sweep point: ``family`` (mlp, patch, cnn) at first-layer ``width``."""
     if family not in FAMILIES:
         raise ValueError(f"unknown sweep family {family!r}; valid: {', '.join(FAMILIES)}")
@@ -61,8 +71,9 @@ def family_config(family: str, width: int, seed: int = 0, epochs: int = 2,
     return train.TrainConfig(family, kwargs, epochs=epochs, seed=seed, train_size=train_size)
 
 
-def sweep_configs(widths: dict[str, Sequence[int]], seeds: Iterable[int] = (0, 1, 2), epochs: int = 2,
-                  train_size: int | None = None) -> list[train.TrainConfig]:
+def sweep_configs(
+    widths: dict[str, Sequence[int]], seeds: Iterable[int] = (0, 1, 2), epochs: int = 2, train_size: int | None = None
+) -> list[train.TrainConfig]:
     """Every (family, width, seed) configuration of a sweep, family by family, narrow to wide."""
     seeds = tuple(seeds)
     return [family_config(f, w, s, epochs, train_size) for f, ws in widths.items() for w in ws for s in seeds]
@@ -98,8 +109,6 @@ def first_weight_nullity(model: nn.Module, dtype: torch.dtype = torch.float64) -
     raise ValueError("model has no Linear or Conv2d layer")
 
 
-# --- adversarial risk -----------------------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class AttackSettings:
     """How risk is measured: ``eval_size`` fixed test digits; PGD (l_inf) at ``pgd_eps`` (pixel units) with
@@ -115,12 +124,14 @@ class AttackSettings:
 
 
 FULL_ATTACKS = AttackSettings()
+
+
 QUICK_ATTACKS = AttackSettings(eval_size=100, pgd_eps=(0.05, 0.1), pgd_steps=5, fab_steps=5)
 
 
 def evaluation_subset(size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed random subset of the MNIST test set: images (size, 1, 28, 28) in [0, 1], labels (size,)."""
-    images, labels = data.mnist(train=False)
+    images, labels = mnist_data.load(train=False)
     if not 1 <= size <= len(images):
         raise ValueError(f"eval_size must be in 1..{len(images)}, got {size}")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:size]
@@ -129,15 +140,18 @@ def evaluation_subset(size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
 
 def _batches(images: torch.Tensor, labels: torch.Tensor, batch: int, device: torch.device):
     for start in range(0, len(images), batch):
-        yield images[start:start + batch].to(device), labels[start:start + batch].to(device)
+        yield images[start : start + batch].to(device), labels[start : start + batch].to(device)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def pgd_robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
-                        steps: int = 20, batch: int = 500, seed: int = 0) -> float:
+def pgd_robust_accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    steps: int = 20,
+    batch: int = 500,
+    seed: int = 0,
+) -> float:
     """Fraction (0..1) of ``images`` (N, C, H, W) in [0, 1] still classified as ``labels`` after l_inf PGD
     (torchattacks.PGD, budget ``eps`` in pixel units, step 2.5*eps/steps, random start). Misclassified clean
     images count as not robust."""
@@ -147,15 +161,22 @@ def pgd_robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
     torch.manual_seed(seed)
     attack = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
     correct = 0
-    for x, y in _batches(images, labels, batch, _device_of(model)):
+    for x, y in _batches(images, labels, batch, device_of(model)):
         adv = attack(x, y) if eps > 0 else x
         with torch.no_grad():
             correct += (model(adv).argmax(1) == y).sum().item()
     return correct / len(images)
 
 
-def minimal_l2_distances(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = 20,
-                         restarts: int = 1, batch: int = 500, seed: int = 0) -> torch.Tensor:
+def minimal_l2_distances(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int = 20,
+    restarts: int = 1,
+    batch: int = 500,
+    seed: int = 0,
+) -> torch.Tensor:
     """Per image (N,), the smallest l2 perturbation (pixel units) FAB finds that changes the prediction.
 
     FAB (Croce & Hein 2020, torchattacks.FAB with norm="L2") minimises the norm, so each value is an upper
@@ -163,10 +184,9 @@ def minimal_l2_distances(model: nn.Module, images: torch.Tensor, labels: torch.T
     fails to flip the prediction.
     """
     model.eval()
-    attack = torchattacks.FAB(model, norm="L2", eps=1e6, steps=steps, n_restarts=restarts, seed=seed,
-                              n_classes=10)
+    attack = torchattacks.FAB(model, norm="L2", eps=1e6, steps=steps, n_restarts=restarts, seed=seed, n_classes=10)
     out = []
-    for x, y in _batches(images, labels, batch, _device_of(model)):
+    for x, y in _batches(images, labels, batch, device_of(model)):
         adv = attack(x, y)
         with torch.no_grad():
             flipped = model(adv).argmax(1) != y
@@ -191,8 +211,6 @@ def pgd_column(eps: float) -> str:
     return f"pgd_acc@{eps:g}"
 
 
-# --- the measurements -----------------------------------------------------------------------------------
-
 #: Metrics compared with risk: the four of Sec. 7 / Table 1, then the confounders as reference points.
 METRICS: dict[str, str] = {
     "nullity_w1": "nullity(W1)",
@@ -203,42 +221,64 @@ METRICS: dict[str, str] = {
     "log10_params": "log10(#parameters)",
     "clean_acc": "clean accuracy",
 }
+
+
 PAPER_METRICS = ("nullity_w1", "sum_nullity", "nu_over_n", "mu_over_n")
 
 
 def audit_metrics(model: nn.Module) -> dict[str, Any]:
     """The Table 1 metrics of ``model`` from ``helpers.audit`` (float64 ranks): n, nu, mu, their ratios,
     the sum of nullities, nullity(W1), W1's shape (q, p), and the structural values (forced by shapes alone)."""
-    from . import audit  # the audit chapter's helpers (one definition of the metrics in the book)
+    from helpers.experiments import audit
 
     a = audit.audit_model(model, dtype=torch.float64)
-    return {"n": a.n, "nu": a.nu, "mu": a.mu, "nu_over_n": a.nu_over_n, "mu_over_n": a.mu_over_n,
-            "sum_nullity": a.sum_nullity, "nullity_w1": a.nullity_w1, "w1_shape": list(a.w1_shape),
-            "structural_sum_nullity": a.structural_sum_nullity, "structural_nullity_w1": a.structural_nullity_w1}
+    return {
+        "n": a.n,
+        "nu": a.nu,
+        "mu": a.mu,
+        "nu_over_n": a.nu_over_n,
+        "mu_over_n": a.mu_over_n,
+        "sum_nullity": a.sum_nullity,
+        "nullity_w1": a.nullity_w1,
+        "w1_shape": list(a.w1_shape),
+        "structural_sum_nullity": a.structural_sum_nullity,
+        "structural_nullity_w1": a.structural_nullity_w1,
+    }
 
 
-def measure_model(trained: train.TrainedModel, images: torch.Tensor, labels: torch.Tensor,
-                  settings: AttackSettings) -> dict[str, Any]:
+def measure_model(
+    trained: train.TrainedModel, images: torch.Tensor, labels: torch.Tensor, settings: AttackSettings
+) -> dict[str, Any]:
     """One row of the study: configuration, metrics, clean accuracy (full test set and eval subset), risk."""
     model, config = trained.model, trained.config
     q, p = first_layer_shape(config)
     params = sum(t.numel() for t in model.parameters())
     start = time.perf_counter()
     row: dict[str, Any] = {
-        "key": config.key(), "family": config.kind, "width": q, "inputs": p, "seed": config.seed,
-        "params": params, "log10_params": math.log10(params), "clean_acc": trained.test_accuracy,
-        "expected_nullity_w1": expected_nullity_w1(config), "svd_nullity_w1": first_weight_nullity(model),
-        "train_seconds": trained.train_seconds, "from_cache": trained.from_cache,
+        "key": config.key(),
+        "family": config.kind,
+        "width": q,
+        "inputs": p,
+        "seed": config.seed,
+        "params": params,
+        "log10_params": math.log10(params),
+        "clean_acc": trained.test_accuracy,
+        "expected_nullity_w1": expected_nullity_w1(config),
+        "svd_nullity_w1": first_weight_nullity(model),
+        "train_seconds": trained.train_seconds,
+        "from_cache": trained.from_cache,
     }
     row.update(audit_metrics(model))
     row["eval_clean_acc"] = train.accuracy(model, images, labels)
-    distances = minimal_l2_distances(model, images, labels, settings.fab_steps, settings.fab_restarts,
-                                     settings.batch, settings.seed)
+    distances = minimal_l2_distances(
+        model, images, labels, settings.fab_steps, settings.fab_restarts, settings.batch, settings.seed
+    )
     row["median_l2"] = median_minimal_l2(distances)
     row["fab_failures"] = int(torch.isinf(distances).sum())
     for eps in settings.pgd_eps:
-        row[pgd_column(eps)] = pgd_robust_accuracy(model, images, labels, eps, settings.pgd_steps,
-                                                   settings.batch, settings.seed)
+        row[pgd_column(eps)] = pgd_robust_accuracy(
+            model, images, labels, eps, settings.pgd_steps, settings.batch, settings.seed
+        )
     row["attack_seconds"] = time.perf_counter() - start
     return row
 
@@ -257,18 +297,20 @@ def by_configuration(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> 
     return out
 
 
-def run_sweep(configs: Sequence[train.TrainConfig], device: str | torch.device = "cpu",
-              settings: AttackSettings = FULL_ATTACKS, progress: bool = True) -> list[dict[str, Any]]:
+def run_sweep(
+    configs: Sequence[train.TrainConfig],
+    device: str | torch.device = "cpu",
+    settings: AttackSettings = FULL_ATTACKS,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Train (or load from the configuration-hash cache) and measure every configuration; one row each."""
     images, labels = evaluation_subset(settings.eval_size, settings.seed)
     rows = []
-    for config in page.progress(configs, desc="width sweep", disable=not progress):
+    for config in progress_bar(configs, desc="width sweep", disable=not progress):
         trained = train.train_mnist(config, device, progress=False)
         rows.append(measure_model(trained, images, labels, settings))
     return rows
 
-
-# --- rank correlations with cluster-bootstrap intervals ---------------------------------------------------
 
 def _ranks(a: np.ndarray) -> np.ndarray:
     return stats.rankdata(a, axis=-1)
@@ -338,15 +380,23 @@ def cluster_bootstrap_indices(groups: Sequence[Any], n_boot: int, rng: np.random
     return table[picks].reshape(n_boot, -1)
 
 
-def rank_correlation(x: Sequence[float], y: Sequence[float], groups: Sequence[Any],
-                     control: Sequence[float] | None = None, n_boot: int = 2000, level: float = 0.95,
-                     seed: int = 0) -> Correlation:
+def rank_correlation(
+    x: Sequence[float],
+    y: Sequence[float],
+    groups: Sequence[Any],
+    control: Sequence[float] | None = None,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Correlation:
     """Spearman (or partial Spearman given ``control``) correlation of x and y with a cluster bootstrap CI."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     z = None if control is None else np.asarray(control, float)
     if x.shape != y.shape or x.ndim != 1 or (z is not None and z.shape != x.shape):
-        raise ValueError(f"x, y (and control) must be 1-D of equal length, got {x.shape}, {y.shape}"
-                         + ("" if z is None else f", {z.shape}"))
+        raise ValueError(
+            f"x, y (and control) must be 1-D of equal length, got {x.shape}, {y.shape}"
+            + ("" if z is None else f", {z.shape}")
+        )
     if np.isnan(x).any() or np.isnan(y).any():
         raise ValueError("x and y must not contain nan (inf is fine: it ranks last)")
     n_groups = len(set(groups))
@@ -355,7 +405,7 @@ def rank_correlation(x: Sequence[float], y: Sequence[float], groups: Sequence[An
     boot = rank_correlation_rows(x[idx], y[idx], None if z is None else z[idx])
     undefined = float(np.isnan(boot).mean())
     tail = 100 * (1 - level) / 2
-    lo, hi = (np.nanpercentile(boot, [tail, 100 - tail]) if undefined < 1 else (math.nan, math.nan))
+    lo, hi = np.nanpercentile(boot, [tail, 100 - tail]) if undefined < 1 else (math.nan, math.nan)
     return Correlation(rho, float(lo), float(hi), len(x), n_groups, undefined, level)
 
 
@@ -370,9 +420,14 @@ def _config_groups(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [f"{r['family']}-{r['width']}" for r in rows]
 
 
-def correlation_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str], risks: Sequence[str],
-                      controls: Sequence[str] = ("clean_acc", "log10_params"), n_boot: int = 2000,
-                      seed: int = 0) -> list[dict[str, Any]]:
+def correlation_table(
+    rows: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    risks: Sequence[str],
+    controls: Sequence[str] = ("clean_acc", "log10_params"),
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """One record per (risk, metric): pooled Spearman ρ with CI, partial ρ given each control, and the
     within-family ρ per family. Values are ``Correlation`` objects."""
     if not rows:
@@ -384,11 +439,15 @@ def correlation_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str], ri
         y = _column(rows, risk)
         for metric in metrics:
             x = _column(rows, metric)
-            record: dict[str, Any] = {"risk": risk, "metric": metric,
-                                      "pooled": rank_correlation(x, y, groups, None, n_boot, seed=seed)}
+            record: dict[str, Any] = {
+                "risk": risk,
+                "metric": metric,
+                "pooled": rank_correlation(x, y, groups, None, n_boot, seed=seed),
+            }
             for c in controls:
-                record[f"given {c}"] = (rank_correlation(x, y, groups, _column(rows, c), n_boot, seed=seed)
-                                        if c != metric else None)
+                record[f"given {c}"] = (
+                    rank_correlation(x, y, groups, _column(rows, c), n_boot, seed=seed) if c != metric else None
+                )
             for f in families:
                 keep = [i for i, r in enumerate(rows) if r["family"] == f]
                 record[f] = rank_correlation(x[keep], y[keep], [groups[i] for i in keep], None, n_boot, seed=seed)
@@ -401,13 +460,16 @@ def table_jsonable(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: asdict(v) if isinstance(v, Correlation) else v for k, v in r.items()} for r in records]
 
 
-# --- plots ----------------------------------------------------------------------------------------------
-
 _MARKERS = {"mlp": "o", "patch": "s", "cnn": "^"}
 
 
-def plot_risk_vs_metrics(rows: Sequence[dict[str, Any]], metrics: Sequence[str], risk: str,
-                         correlations: dict[str, Correlation] | None = None, risk_label: str | None = None):
+def plot_risk_vs_metrics(
+    rows: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    risk: str,
+    correlations: dict[str, Correlation] | None = None,
+    risk_label: str | None = None,
+):
     """One scatter panel per metric: ``risk`` (y) against the metric (x, symlog), one marker per family,
     the pooled Spearman ρ with its CI in the title when ``correlations`` is given."""
     import matplotlib.pyplot as plt
@@ -415,13 +477,14 @@ def plot_risk_vs_metrics(rows: Sequence[dict[str, Any]], metrics: Sequence[str],
     ncols = min(2, len(metrics))
     nrows = (len(metrics) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.9 * nrows), squeeze=False, sharey=True)
-    for ax in axes.flat[len(metrics):]:
+    for ax in axes.flat[len(metrics) :]:
         ax.axis("off")
     for ax, metric in zip(axes.flat, metrics):
         for f in dict.fromkeys(r["family"] for r in rows):
             sub = [r for r in rows if r["family"] == f]
-            ax.scatter([r[metric] for r in sub], [r[risk] for r in sub], marker=_MARKERS.get(f, "o"), s=22,
-                       alpha=0.75, label=f)
+            ax.scatter(
+                [r[metric] for r in sub], [r[risk] for r in sub], marker=_MARKERS.get(f, "o"), s=22, alpha=0.75, label=f
+            )
         if metric in ("nullity_w1", "sum_nullity", "width"):
             ax.set_xscale("symlog", linthresh=1)
             ax.set_xlim(left=-0.5)
@@ -446,8 +509,7 @@ def plot_confounders(rows: Sequence[dict[str, Any]], risk: str, risk_label: str 
             sub = sorted((r for r in rows if r["family"] == f), key=lambda r: r["width"])
             widths = sorted({r["width"] for r in sub})
             means = [np.mean([r[col] for r in sub if r["width"] == w]) for w in widths]
-            ax.scatter([r["width"] for r in sub], [r[col] for r in sub], marker=_MARKERS.get(f, "o"), s=14,
-                       alpha=0.5)
+            ax.scatter([r["width"] for r in sub], [r[col] for r in sub], marker=_MARKERS.get(f, "o"), s=14, alpha=0.5)
             ax.plot(widths, means, label=f)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("first-layer width q")
@@ -458,8 +520,6 @@ def plot_confounders(rows: Sequence[dict[str, Any]], risk: str, risk_label: str 
     fig.tight_layout()
     return fig
 
-
-# --- ImageNet classifiers (needs pretrained weights to mean anything) --------------------------------------
 
 def imagenet_input_size(model: nn.Module, name: str) -> int:
     """The square input size of an ImageNet classifier: timm's pretrained_cfg, 299 for Inception, else 224."""
@@ -477,12 +537,13 @@ class NormalizedClassifier(nn.Module):
         self.model = model
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.model(data.imagenet_normalize(pixels))
+        out = self.model(normalization.imagenet_normalize(pixels))
         return out.logits if hasattr(out, "logits") else out
 
 
-def imagenet_robust_agreement(model: nn.Module, pixels: torch.Tensor, eps: float, steps: int = 10,
-                              seed: int = 0) -> float:
+def imagenet_robust_agreement(
+    model: nn.Module, pixels: torch.Tensor, eps: float, steps: int = 10, seed: int = 0
+) -> float:
     """Fraction of images (B, 3, H, W) in [0, 1] whose top-1 class survives l_inf PGD at ``eps`` (pixel
     units). Labels are the model's own clean predictions (the sample images carry no ImageNet label)."""
     wrapped = NormalizedClassifier(model).eval()
@@ -491,48 +552,21 @@ def imagenet_robust_agreement(model: nn.Module, pixels: torch.Tensor, eps: float
     return pgd_robust_accuracy(wrapped, pixels, own, eps, steps, batch=len(pixels), seed=seed)
 
 
-def imagenet_row(name: str, model: nn.Module, images: Sequence[str], eps: Sequence[float], steps: int,
-                 device: torch.device, with_audit: bool = True) -> dict[str, Any]:
+def imagenet_row(
+    name: str,
+    model: nn.Module,
+    images: Sequence[str],
+    eps: Sequence[float],
+    steps: int,
+    device: torch.device,
+    with_audit: bool = True,
+) -> dict[str, Any]:
     """Metrics and PGD robust agreement on the sample ``images`` for one ImageNet classifier."""
     size = imagenet_input_size(model, name)
-    pixels = torch.cat([data.imagenet_pixels(data.load_image(i), size) for i in images]).to(device)
+    pixels = torch.cat([photos.imagenet_pixels(photos.load_image(i), size) for i in images]).to(device)
     row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in model.parameters())}
     if with_audit:
         row.update(audit_metrics(model))
     for e in eps:
         row[pgd_column(e)] = imagenet_robust_agreement(model, pixels, e, steps)
     return row
-
-
-# --- command line ---------------------------------------------------------------------------------------
-
-def _cli(args: argparse.Namespace) -> int:
-    from . import runtime
-
-    runtime.resolve_device(args.device)  # a bad --device fails before any work
-    widths = SWEEP_QUICK if args.quick else SWEEP_FULL
-    settings = QUICK_ATTACKS if args.quick else FULL_ATTACKS
-    epochs, train_size = (1, args.train_size or 3000) if args.quick else (args.epochs, args.train_size)
-    configs = sweep_configs(widths, range(args.seeds), epochs, train_size)
-    rows = run_sweep(configs, args.device, settings, progress=not args.json)
-    table = correlation_table(rows, PAPER_METRICS, risk_columns(settings), n_boot=args.n_boot)
-    if args.json:
-        print(json.dumps({"rows": rows, "correlations": table_jsonable(table)}, indent=1, default=str))
-    else:
-        print(results.markdown_table(table, ["risk", "metric", "pooled", "given clean_acc", "given log10_params",
-                                     *dict.fromkeys(r["family"] for r in rows)]))
-    return 0
-
-
-def add_cli(subparsers: Any) -> None:
-    """``python -m helpers gauge``: run the width sweep and print the risk-vs-metric rank correlations."""
-    from .__main__ import add_common
-
-    p = subparsers.add_parser("gauge", help="width sweep: null-space metrics vs adversarial risk (MNIST)")
-    p.add_argument("--quick", action="store_true", help="tiny sweep, 1 epoch on 3000 digits (tests)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--train-size", type=int, default=None, help="training digits (default: all 60,000)")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
-    add_common(p)
-    p.set_defaults(func=_cli)

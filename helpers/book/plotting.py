@@ -1,16 +1,18 @@
 """The book's figure style, and showing a figure on the page (with its caption) while saving it to ``figures/``."""
+
 from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from . import page, runtime
+from helpers import runtime
+from helpers.book import page
 
 STYLE = {
     "figure.dpi": 110,
@@ -49,10 +51,12 @@ def figure_html(png: bytes, name: str, caption: str) -> str:
     Inline, so the page needs no file beside it (Colab, the rendered book, an exported notebook alike).
     """
     data = base64.b64encode(png).decode("ascii")
-    return (f'<figure class="collisions-figure" id="fig-{html.escape(name)}">'
-            f'<img src="data:image/png;base64,{data}" alt="{html.escape(caption or name)}" '
-            'style="max-width:100%;height:auto"/>'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure class="collisions-figure" id="fig-{html.escape(name)}">'
+        f'<img src="data:image/png;base64,{data}" alt="{html.escape(caption or name)}" '
+        'style="max-width:100%;height:auto"/>'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def show_figure(fig: plt.Figure, name: str, caption: str) -> Path:
@@ -87,8 +91,14 @@ def rescale(arr: np.ndarray) -> np.ndarray:
     return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
 
 
-def image_grid(images: Sequence[torch.Tensor | np.ndarray], titles: Sequence[str] = (), ncols: int = 4,
-               size: float = 2.4, rescale_each: bool = False, cmap: str = "gray") -> plt.Figure:
+def image_grid(
+    images: Sequence[torch.Tensor | np.ndarray],
+    titles: Sequence[str] = (),
+    ncols: int = 4,
+    size: float = 2.4,
+    rescale_each: bool = False,
+    cmap: str = "gray",
+) -> plt.Figure:
     """A grid of images; pixel images in [0, 1] are clipped, ``rescale_each`` stretches each to [0, 1]."""
     nrows = (len(images) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)

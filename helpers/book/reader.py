@@ -4,11 +4,12 @@ Checks per page: the chapter's figures are there, loaded and drawn at a readable
 ``PosixPath(...)``, no traceback, no unrendered math, nothing sticking out of the content column. One full-page
 screenshot per page goes to the screenshots folder with ``report.json`` (page heights and problems).
 
-    python -m helpers.reader _build/html --results results --screenshots _build/screenshots
+    python -m helpers.book.reader _build/html --results results --screenshots _build/screenshots
 
 Needs Chromium and chromedriver (Debian: ``apt-get install chromium chromium-driver``) and Selenium; without a
 browser the command line skips (exit 0), unless ``CI=true`` (exit 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,27 +27,66 @@ from pathlib import Path
 from typing import Any
 
 WINDOW_PX = (1280, 900)  # CSS px, width x height of the browser window
+
+
 MATHJAX_TIMEOUT_S = 10.0
+
+
 IMAGES_TIMEOUT_S = 5.0
+
+
 PAGE_LOAD_TIMEOUT_S = 30.0
+
+
 MAX_SHOT_PX = 30000  # screenshots are cut at this height (CSS px)
+
+
 OVERFLOW_TOLERANCE_PX = 2
+
+
 #: A figure drawn at less than this fraction of its pixel width is too small to read (the book saves figures at
 #: 130 dpi: at 0.5, 7-pt text is drawn about 6 px high).
 MIN_FIGURE_SCALE = 0.5
+
+
 MAX_OVERFLOW_REPORTS = 5
-SKIP_REASON = ("Chromium/chromedriver not found; install them with 'apt-get install chromium chromium-driver' "
-               "(Debian) to run the reader's test")
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage")
+
+
+SKIP_REASON = (
+    "Chromium/chromedriver not found; install them with 'apt-get install chromium chromium-driver' "
+    "(Debian) to run the reader's test"
+)
+
+
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
+
+
 EXCLUDED_NAMES = {"genindex.html", "search.html"}
+
+
 EXCLUDED_DIRS = {"_static", "_sources", "_images"}
+
 
 # `|---|`, `| --- |`, `|:--|`, and Sphinx's smart dashes `|—|`, `|–|`, anywhere in a line (a table in a <p> is one line).
 TABLE_SEPARATOR = re.compile(r"\|[ \t]*(?::-+|:?-{3,}|:?[-—–]*[—–][-—–]*):?[ \t]*\|")
+
+
 PIPE_ROW = re.compile(r"^\s*\|.*\|\s*$")
+
+
 RAW_MATH = ("\\(", "\\)", "\\[", "$$", "\\begin{")
+
+
 TRACEBACK = "Traceback (most recent call last)"
 
 
@@ -62,7 +102,8 @@ class Problem:
 def find_browser() -> tuple[str, str] | None:
     """(chromium, chromedriver) paths: env ``CHROMIUM``/``CHROMEDRIVER``, else found on PATH; None if either is absent."""
     chromium = os.environ.get("CHROMIUM") or next(
-        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
+    )
     driver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
     if not chromium or not driver or not Path(chromium).is_file() or not Path(driver).is_file():
         return None
@@ -76,9 +117,13 @@ def _is_redirect(path: Path) -> bool:
 
 def book_pages(html_dir: Path) -> list[Path]:
     """Every rendered page under ``html_dir``, sorted; not genindex/search, _static/_sources/_images, redirects."""
-    return sorted(p for p in html_dir.rglob("*.html")
-                  if p.name not in EXCLUDED_NAMES and not EXCLUDED_DIRS & set(p.relative_to(html_dir).parts[:-1])
-                  and not _is_redirect(p))
+    return sorted(
+        p
+        for p in html_dir.rglob("*.html")
+        if p.name not in EXCLUDED_NAMES
+        and not EXCLUDED_DIRS & set(p.relative_to(html_dir).parts[:-1])
+        and not _is_redirect(p)
+    )
 
 
 def expected_figures(results_dir: Path) -> dict[str, list[str]]:
@@ -103,6 +148,7 @@ within(mj ? mj.then(() => 'ok', e => 'error: ' + e) : Promise.resolve('absent'),
   within(Promise.all(each), imgMs).then(() => done(math));
 });
 """
+
 
 # Measures the page (sync): height, figures, broken images, overflow, visible text of the content.
 _CHECK_JS = """
@@ -170,13 +216,13 @@ def text_problems(page: str, text: str) -> list[Problem]:
     if table is not None:
         problems.append(Problem(page, "raw markdown table", table.strip()[:80]))
     if (k := text.find("PosixPath(")) >= 0:
-        problems.append(Problem(page, "echoed path", text[k:k + 80].splitlines()[0]))
+        problems.append(Problem(page, "echoed path", text[k : k + 80].splitlines()[0]))
     if TRACEBACK in text:
         problems.append(Problem(page, "traceback", f"'{TRACEBACK}' in the text"))
     raw = [m for m in RAW_MATH if m in text]
     if raw:
         k = min(text.find(m) for m in raw)
-        problems.append(Problem(page, "unrendered math", f"{' '.join(raw)} in: {text[max(0, k - 20):k + 40]!r}"))
+        problems.append(Problem(page, "unrendered math", f"{' '.join(raw)} in: {text[max(0, k - 20) : k + 40]!r}"))
     return problems
 
 
@@ -195,8 +241,9 @@ def _start_browser(chromium: str, chromedriver: str, profile: str) -> Any:
     return driver
 
 
-def _check_page(driver: Any, html_dir: Path, path: Path, figures: list[str],
-                screenshots: Path) -> tuple[list[Problem], int, int, int]:
+def _check_page(
+    driver: Any, html_dir: Path, path: Path, figures: list[str], screenshots: Path
+) -> tuple[list[Problem], int, int, int]:
     """Open one page, check it, screenshot it: (problems, height in CSS px, figures and tables on the page)."""
     from selenium.common.exceptions import TimeoutException
 
@@ -216,20 +263,32 @@ def _check_page(driver: Any, html_dir: Path, path: Path, figures: list[str],
     if got["mathEls"] and not got["mjx"] and not any(p.what == "unrendered math" for p in problems):
         problems.append(Problem(page, "unrendered math", f"{got['mathEls']} .math elements, MathJax: {math}"))
     for k, o in enumerate(got["overflow"]):
-        more = f" (+{got['overflowTotal'] - MAX_OVERFLOW_REPORTS} more)" if k == MAX_OVERFLOW_REPORTS - 1 and \
-            got["overflowTotal"] > MAX_OVERFLOW_REPORTS else ""
-        problems.append(Problem(page, "overflow", f"<{o['tag']} class='{o['cls']}' id='{o['id']}'> {o['width']} px: "
-                                                  f"{o['text']!r}{more}"))
+        more = (
+            f" (+{got['overflowTotal'] - MAX_OVERFLOW_REPORTS} more)"
+            if k == MAX_OVERFLOW_REPORTS - 1 and got["overflowTotal"] > MAX_OVERFLOW_REPORTS
+            else ""
+        )
+        problems.append(
+            Problem(
+                page, "overflow", f"<{o['tag']} class='{o['cls']}' id='{o['id']}'> {o['width']} px: {o['text']!r}{more}"
+            )
+        )
     height = int(got["height"])
-    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
-        "format": "png", "captureBeyondViewport": True,
-        "clip": {"x": 0, "y": 0, "width": WINDOW_PX[0], "height": min(height, MAX_SHOT_PX), "scale": 1}})
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": WINDOW_PX[0], "height": min(height, MAX_SHOT_PX), "scale": 1},
+        },
+    )
     (screenshots / page.replace("/", "__").replace(".html", ".png")).write_bytes(base64.b64decode(shot["data"]))
     return problems, height, int(got["nFigures"]), int(got["nTables"])
 
 
-def check_book(html_dir: Path, results_dir: Path | None, screenshots: Path,
-               log: Callable[[str], None] | None = None) -> tuple[list[Problem], dict[str, int]]:
+def check_book(
+    html_dir: Path, results_dir: Path | None, screenshots: Path, log: Callable[[str], None] | None = None
+) -> tuple[list[Problem], dict[str, int]]:
     """Check every page of the rendered book in one headless Chromium.
 
     Returns the problems and each page's height (CSS px); writes one PNG per page and ``report.json`` into
@@ -253,8 +312,9 @@ def check_book(html_dir: Path, results_dir: Path | None, screenshots: Path,
         try:
             for path in pages:
                 page = path.relative_to(html_dir).as_posix()
-                found, heights[page], n_figures, n_tables = _check_page(driver, html_dir, path,
-                                                                        expected.get(page, []), screenshots)
+                found, heights[page], n_figures, n_tables = _check_page(
+                    driver, html_dir, path, expected.get(page, []), screenshots
+                )
                 shown[page] = {"figures": n_figures, "tables": n_tables}
                 problems += found
                 if log:
@@ -275,7 +335,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; exit 0 when every page is fine (or no browser outside CI), 1 on problems, 2 on bad arguments."""
-    parser = _Parser(prog="python -m helpers.reader", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m helpers.book.reader", description=__doc__.splitlines()[0])
     parser.add_argument("html_dir", type=Path, help="the rendered book (_build/html)")
     parser.add_argument("--results", type=Path, help="results folder: the figures each chapter must show")
     parser.add_argument("--screenshots", type=Path, default=Path("_build/screenshots"))

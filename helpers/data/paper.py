@@ -1,4 +1,5 @@
 """The papers' reported numbers (``data/paper_numbers.json``), for side-by-side display only."""
+
 from __future__ import annotations
 
 import functools
@@ -10,7 +11,7 @@ from typing import Any
 @functools.cache
 def numbers() -> dict[str, Any]:
     """The whole data file as a nested dict (keys: paper, then section)."""
-    return json.loads(resources.files("helpers").joinpath("data/paper_numbers.json").read_text())
+    return json.loads(resources.files("helpers.data").joinpath("paper_numbers.json").read_text())
 
 
 def get(*path: str) -> Any:

@@ -3,6 +3,7 @@
 A configuration (architecture, its arguments, epochs, optimiser settings, seed, training-set size) names a
 trained model: training it twice gives the same file, so a rebuild loads it instead of retraining.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import data, mnist_models, page, runtime
+from helpers import runtime
+from helpers.data import mnist_data
+from helpers.models import mnist_models
+from helpers.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ CANONICAL: dict[str, TrainConfig] = {
     "mnist_mlp_2x256": TrainConfig("mlp", {"hidden": (256, 256)}, epochs=5),
     "lenet5": TrainConfig("lenet5", {}, epochs=3),
 }
+
 
 #: MNIST models whose first layer has a non-trivial kernel (the null-space chapters' offline track).
 #: W1 shapes: mlp 256 x 784; cnn 6 x 16 (4x4 kernel, stride 3: overlapping windows, and 6 channels < 3*3 pixels
@@ -90,8 +95,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     model.eval()
     correct = 0
     for start in range(0, len(images), batch):
-        logits = model(images[start:start + batch].to(device))
-        correct += (logits.argmax(1).cpu() == labels[start:start + batch]).sum().item()
+        logits = model(images[start : start + batch].to(device))
+        correct += (logits.argmax(1).cpu() == labels[start : start + batch]).sum().item()
     return correct / len(images)
 
 
@@ -103,20 +108,21 @@ def train_mnist(config: TrainConfig, device: str | torch.device = "cpu", progres
     if weights_path.exists() and meta_path.exists():
         model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
         meta = json.loads(meta_path.read_text())
-        return TrainedModel(model.to(device).eval(), config, meta["test_accuracy"], meta["train_seconds"],
-                            weights_path, from_cache=True)
+        return TrainedModel(
+            model.to(device).eval(), config, meta["test_accuracy"], meta["train_seconds"], weights_path, from_cache=True
+        )
 
     generator = runtime.seed_everything(config.seed)
     model = config.build().to(device)  # rebuilt after seeding so the initialisation is reproducible
-    images, labels = data.mnist(train=True)
+    images, labels = mnist_data.load(train=True)
     if config.train_size is not None:
-        images, labels = images[:config.train_size], labels[:config.train_size]
+        images, labels = images[: config.train_size], labels[: config.train_size]
     images, labels = images.to(device), labels.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     steps = config.epochs * ((len(images) + config.batch_size - 1) // config.batch_size)
-    bar = page.progress(total=steps, desc=f"train {config.kind} {config.kwargs}", disable=not progress, leave=False)
+    bar = progress_bar(total=steps, desc=f"train {config.kind} {config.kwargs}", disable=not progress, leave=False)
     model.train()
     for _ in range(config.epochs):
         order = torch.randperm(len(images), generator=generator).to(device)
@@ -127,9 +133,10 @@ def train_mnist(config: TrainConfig, device: str | torch.device = "cpu", progres
             bar.update()
     bar.close()
     seconds = time.perf_counter() - start
-    test_images, test_labels = data.mnist(train=False)
+    test_images, test_labels = mnist_data.load(train=False)
     acc = accuracy(model, test_images, test_labels)
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights_path)
-    meta_path.write_text(json.dumps({"config": asdict(config), "test_accuracy": acc, "train_seconds": seconds},
-                                    default=list, indent=1))
+    meta_path.write_text(
+        json.dumps({"config": asdict(config), "test_accuracy": acc, "train_seconds": seconds}, default=list, indent=1)
+    )
     return TrainedModel(model.eval(), config, acc, seconds, weights_path, from_cache=False)

@@ -4,21 +4,25 @@
 the library's normal pretrained path (local cache first, download when online) and falls back to random
 initialisation, fast and visibly; ``weights="pretrained"`` raises instead of falling back.
 """
+
 from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from . import runtime
+from helpers import runtime
 
 Weights = Literal["auto", "pretrained", "random"]
+
+
 WEIGHT_CHOICES: tuple[str, ...] = ("auto", "pretrained", "random")
 
 
@@ -108,8 +112,15 @@ REGISTRY: dict[str, ModelSpec] = {
         _tv("fcn_resnet50_aux", "fcn_resnet50", "segmentation", "Fcn", aux_loss=True),
         ModelSpec("pspnet_resnet34", "smp", "PSPNet", "segmentation", None, {"encoder_name": "resnet34"}),
         # with smp's default classes=1 the shapes force more nullity than Table 1's PSPNet sum; >= 13 classes fit
-        ModelSpec("pspnet_resnet34_voc", "smp", "PSPNet", "segmentation", "PSPNet",
-                  {"encoder_name": "resnet34", "classes": 21}, "PSPNet, ResNet-34 encoder, 21 (VOC) classes"),
+        ModelSpec(
+            "pspnet_resnet34_voc",
+            "smp",
+            "PSPNet",
+            "segmentation",
+            "PSPNet",
+            {"encoder_name": "resnet34", "classes": 21},
+            "PSPNet, ResNet-34 encoder, 21 (VOC) classes",
+        ),
         _tv("deeplabv3_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "segmentation"),
         _tv("deeplabv3_resnet50", "deeplabv3_resnet50", "segmentation"),
         # Table 1's "MobileNet-V3" segmentation row: its n, mu, sum and nullity(W1) fit this model, not a MobileNet
@@ -124,12 +135,27 @@ REGISTRY: dict[str, ModelSpec] = {
         _tv("retinanet_resnet50_fpn", "retinanet_resnet50_fpn", "localization", "RetinaNet"),
         # used by the figures and by Li et al.
         _tv("mobilenet_v3_large", "mobilenet_v3_large", "classification"),
-        ModelSpec("mnist_mlp_2x256", "book", "mlp", "mnist", None, {"hidden": (256, 256)},
-                  "Li et al.'s MNIST net: 784-256-256-10, ReLU; 'pretrained' = trained by the book, cached"),
-        ModelSpec("lenet5", "book", "lenet5", "mnist", None, {},
-                  "LeNet-5 (Li et al.'s appendix); 'pretrained' = trained by the book, cached"),
+        ModelSpec(
+            "mnist_mlp_2x256",
+            "book",
+            "mlp",
+            "mnist",
+            None,
+            {"hidden": (256, 256)},
+            "Li et al.'s MNIST net: 784-256-256-10, ReLU; 'pretrained' = trained by the book, cached",
+        ),
+        ModelSpec(
+            "lenet5",
+            "book",
+            "lenet5",
+            "mnist",
+            None,
+            {},
+            "LeNet-5 (Li et al.'s appendix); 'pretrained' = trained by the book, cached",
+        ),
     ]
 }
+
 
 TABLE1_ROWS: dict[str, str] = {s.table1: s.name for s in REGISTRY.values() if s.table1}
 
@@ -168,8 +194,6 @@ def load(name: str, weights: Weights = "auto", device: str | torch.device = "cpu
     return loaded
 
 
-# --- torchvision -------------------------------------------------------------------------------------
-
 def _torchvision_checkpoint(weights_enum: Any) -> Path:
     """Where ``torch.hub`` caches the checkpoint of a torchvision weights enum."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights_enum.url).path)
@@ -196,11 +220,10 @@ def _build_torchvision(s: ModelSpec, pretrained: bool) -> LoadedModel:
         model = fn(weights=None, **kwargs)
         detail = ""
     transform = enum.transforms() if s.task == "classification" else None
-    return LoadedModel(model, s, "pretrained" if pretrained else "random", transform,
-                       list(enum.meta.get("categories", [])), detail)
+    return LoadedModel(
+        model, s, "pretrained" if pretrained else "random", transform, list(enum.meta.get("categories", [])), detail
+    )
 
-
-# --- timm ---------------------------------------------------------------------------------------------
 
 def _build_timm(s: ModelSpec, pretrained: bool) -> LoadedModel:
     runtime.ensure_hub_mode()
@@ -211,13 +234,20 @@ def _build_timm(s: ModelSpec, pretrained: bool) -> LoadedModel:
         try:
             model = timm.create_model(s.builder, pretrained=True, **s.kwargs)
         except Exception as err:  # timm raises hub, URL or file errors depending on where weights live
-            raise WeightsUnavailable(f"timm could not load pretrained {s.builder!r} "
-                                     f"({type(err).__name__}: {' '.join(str(err).split())})") from err
+            raise WeightsUnavailable(
+                f"timm could not load pretrained {s.builder!r} ({type(err).__name__}: {' '.join(str(err).split())})"
+            ) from err
     else:
         model = timm.create_model(s.builder, pretrained=False, **s.kwargs)
     transform = create_transform(**resolve_data_config({}, model=model))
-    return LoadedModel(model, s, "pretrained" if pretrained else "random", transform, imagenet_classes(),
-                       f"timm {s.builder}" if pretrained else "")
+    return LoadedModel(
+        model,
+        s,
+        "pretrained" if pretrained else "random",
+        transform,
+        imagenet_classes(),
+        f"timm {s.builder}" if pretrained else "",
+    )
 
 
 def imagenet_classes() -> list[str]:
@@ -226,8 +256,6 @@ def imagenet_classes() -> list[str]:
 
     return list(ResNet50_Weights.DEFAULT.meta["categories"])
 
-
-# --- segmentation-models-pytorch --------------------------------------------------------------------
 
 def _build_smp(s: ModelSpec, pretrained: bool) -> LoadedModel:
     runtime.ensure_hub_mode()
@@ -238,8 +266,9 @@ def _build_smp(s: ModelSpec, pretrained: bool) -> LoadedModel:
         try:
             model = cls(encoder_weights="imagenet", **s.kwargs)
         except Exception as err:
-            raise WeightsUnavailable(f"smp could not load ImageNet encoder weights for {s.kwargs} "
-                                     f"({type(err).__name__})") from err
+            raise WeightsUnavailable(
+                f"smp could not load ImageNet encoder weights for {s.kwargs} ({type(err).__name__})"
+            ) from err
         detail = "smp encoder pretrained on ImageNet; decoder randomly initialised (as smp ships it)"
     else:
         model = cls(encoder_weights=None, **s.kwargs)
@@ -247,10 +276,8 @@ def _build_smp(s: ModelSpec, pretrained: bool) -> LoadedModel:
     return LoadedModel(model, s, "pretrained" if pretrained else "random", None, [], detail)
 
 
-# --- models the book trains itself (MNIST) ------------------------------------------------------------
-
 def _build_book(s: ModelSpec, pretrained: bool) -> LoadedModel:
-    from . import mnist_models, train
+    from helpers.models import mnist_models, train
 
     model = mnist_models.build(s.builder, **s.kwargs)
     if pretrained:
@@ -261,8 +288,7 @@ def _build_book(s: ModelSpec, pretrained: bool) -> LoadedModel:
         detail = f"trained by the book, cached at {checkpoint}"
     else:
         detail = ""
-    return LoadedModel(model, s, "pretrained" if pretrained else "random", None,
-                       [str(d) for d in range(10)], detail)
+    return LoadedModel(model, s, "pretrained" if pretrained else "random", None, [str(d) for d in range(10)], detail)
 
 
 _BUILDERS: dict[str, Callable[[ModelSpec, bool], LoadedModel]] = {

@@ -1,19 +1,14 @@
-"""The page: what a chapter shows (HTML blocks, tables, settings) and progress that reads well in a static page.
+"""The page: what a chapter shows (HTML blocks, tables, settings).
 
 Every function works in three places: a live notebook (Jupyter, Colab), the executed notebook that the book
 renders (HTML outputs), and plain Python (a readable text fallback is printed instead).
 """
+
 from __future__ import annotations
 
 import html
-import os
-import sys
-import time
-from typing import Any, Iterable, Iterator, Sequence
-
-#: Set by ``helpers.book`` while it executes chapters: progress is then printed as one plain line per loop,
-#: since progress-bar widgets are invisible in a static page.
-STATIC_PROGRESS_ENV = "COLLISIONS_STATIC_PROGRESS"
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def in_notebook() -> bool:
@@ -61,9 +56,16 @@ def cell_text(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def table_html(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, *,
-               labels: dict[str, str] | None = None, notes: Sequence[str] = (), highlight: str | None = None,
-               digits: int = 4, caption: str = "") -> str:
+def table_html(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str] | None = None,
+    *,
+    labels: dict[str, str] | None = None,
+    notes: Sequence[str] = (),
+    highlight: str | None = None,
+    digits: int = 4,
+    caption: str = "",
+) -> str:
     """An HTML table of dict rows that fits the text column.
 
     ``columns``: which keys, in order (default: every key, first-seen order). ``labels``: header (and string
@@ -79,8 +81,10 @@ def table_html(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
     body = []
     for r in rows:
         # snake_case names may break after an underscore rather than widen the table
-        cells = [html.escape(labels.get(v, v) if isinstance(v, str) else cell_text(v, digits)).replace("_", "_<wbr>")
-                 for v in (r.get(c) for c in shown)]
+        cells = [
+            html.escape(labels.get(v, v) if isinstance(v, str) else cell_text(v, digits)).replace("_", "_<wbr>")
+            for v in (r.get(c) for c in shown)
+        ]
         refs = []
         for key in notes:
             text = r.get(key)
@@ -96,10 +100,13 @@ def table_html(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
     heads = [html.escape(labels.get(c, c)).replace("_", "_<wbr>") for c in shown] + (["note"] if notes else [])
     head = "<tr>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr>"
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    notes_html = ("<ol class='table-notes'>" + "".join(f"<li>{n}</li>" for n in note_texts) + "</ol>"
-                  if note_texts else "")
-    return (f'<div class="collisions-table"><table>{cap}<thead>{head}</thead><tbody>{"".join(body)}</tbody>'
-            f"</table>{notes_html}</div>")
+    notes_html = (
+        "<ol class='table-notes'>" + "".join(f"<li>{n}</li>" for n in note_texts) + "</ol>" if note_texts else ""
+    )
+    return (
+        f'<div class="collisions-table"><table>{cap}<thead>{head}</thead><tbody>{"".join(body)}</tbody>'
+        f"</table>{notes_html}</div>"
+    )
 
 
 def table_text(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, digits: int = 4) -> str:
@@ -111,66 +118,33 @@ def table_text(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells)
 
 
-def table(rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None, *,
-          labels: dict[str, str] | None = None, notes: Sequence[str] = (), highlight: str | None = None,
-          digits: int = 4, caption: str = "") -> None:
+def table(
+    rows: Iterable[dict[str, Any]],
+    columns: Sequence[str] | None = None,
+    *,
+    labels: dict[str, str] | None = None,
+    notes: Sequence[str] = (),
+    highlight: str | None = None,
+    digits: int = 4,
+    caption: str = "",
+) -> None:
     """Show dict rows as a table on the page (see ``table_html``); plain text outside a notebook."""
     rows = list(rows)
     if not rows:
         show_html("<p><i>(empty table)</i></p>", "(empty table)")
         return
-    show_html(table_html(rows, columns, labels=labels, notes=notes, highlight=highlight, digits=digits,
-                         caption=caption), table_text(rows, columns, digits))
-
-
-class _TextProgress:
-    """tqdm's interface, printing one line when the loop ends (for static pages); nothing if ``leave=False``."""
-
-    def __init__(self, iterable: Iterable[Any] | None = None, total: int | None = None, desc: str = "",
-                 disable: bool = False, leave: bool = True, **_: Any) -> None:
-        self.iterable, self.desc, self.disable, self.leave = iterable, desc, disable, leave
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)  # type: ignore[arg-type]
-        self.n, self.start, self.closed = 0, time.perf_counter(), False
-
-    def __iter__(self) -> Iterator[Any]:
-        assert self.iterable is not None
-        for item in self.iterable:
-            yield item
-            self.n += 1
-        self.close()
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-
-    def set_postfix(self, *_: Any, **__: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.leave and not self.disable:
-            print(f"{self.desc}: {self.n}{f'/{self.total}' if self.total else ''} done in "
-                  f"{time.perf_counter() - self.start:.1f} s", file=sys.stdout, flush=True)
-
-    def __enter__(self) -> "_TextProgress":
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.close()
-
-
-def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
-    """A progress bar: tqdm's (widget in a live notebook, text in a terminal), or, while the book executes
-    chapters, one plain line per finished loop (``leave=False`` loops print nothing)."""
-    if os.environ.get(STATIC_PROGRESS_ENV) == "1":
-        return _TextProgress(iterable, **kwargs)
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kwargs)
+    show_html(
+        table_html(rows, columns, labels=labels, notes=notes, highlight=highlight, digits=digits, caption=caption),
+        table_text(rows, columns, digits),
+    )
 
 
 def key_values(mapping: dict[str, Any], caption: str = "") -> None:
     """Show named settings or results as a two-column table (instead of printing a dict)."""
-    table([{"name": k, "value": v if isinstance(v, (int, float, str)) or v is None else repr(v)}
-           for k, v in mapping.items()], caption=caption)
+    table(
+        [
+            {"name": k, "value": v if isinstance(v, (int, float, str)) or v is None else repr(v)}
+            for k, v in mapping.items()
+        ],
+        caption=caption,
+    )

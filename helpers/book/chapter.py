@@ -1,11 +1,12 @@
 """What every chapter does first: resolve its parameters, load models with the banner, collect claims.
 
-    ch = chapter.setup("fig1_resnet50", device=device, weights=weights, quick=quick, seed=seed)
-    resnet = ch.load("resnet50")        # banner shown if the weights are random
-    ch.figure(fig, "fig1_tiled", "caption")  # shown on the page with its caption, saved to figures/
-    ch.claim("fig1.same_top1", "same top-1 class", paper="same", ours=..., status=...)
-    ch.save()                           # results/fig1_resnet50.json
+ch = chapter.setup("fig1_resnet50", device=device, weights=weights, quick=quick, seed=seed)
+resnet = ch.load("resnet50")        # banner shown if the weights are random
+ch.figure(fig, "fig1_tiled", "caption")  # shown on the page with its caption, saved to figures/
+ch.claim("fig1.same_top1", "same top-1 class", paper="same", ours=..., status=...)
+ch.save()                           # results/fig1_resnet50.json
 """
+
 from __future__ import annotations
 
 import platform
@@ -17,7 +18,9 @@ from typing import Any
 import matplotlib.pyplot as plt
 import torch
 
-from . import models, page, plotting, results, runtime
+from helpers import runtime
+from helpers.book import page, plotting, results
+from helpers.models import registry
 
 
 @dataclass
@@ -29,24 +32,27 @@ class Chapter:
     weights: str
     quick: bool
     seed: int
-    loaded: dict[str, models.LoadedModel] = field(default_factory=dict)
+    loaded: dict[str, registry.LoadedModel] = field(default_factory=dict)
     claims: list[results.Claim] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)
-    random_models: dict[str, models.LoadedModel] = field(default_factory=dict)
+    random_models: dict[str, registry.LoadedModel] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
-    def load(self, model_name: str, weights: str | None = None) -> models.LoadedModel:
+    def load(self, model_name: str, weights: str | None = None) -> registry.LoadedModel:
         """Load a registry model with the chapter's weights policy.
 
         A model that runs with random weights joins the chapter's one random-weights banner (shown where the
         first such model is loaded, and updated in place with every later one).
         """
-        loaded = models.load(model_name, weights or self.weights, self.device)  # type: ignore[arg-type]
+        loaded = registry.load(model_name, weights or self.weights, self.device)  # type: ignore[arg-type]
         self.loaded[model_name] = loaded
         if not loaded.is_pretrained:
             self.random_models[model_name] = loaded
-            page.show_html(results.banner_html(self.random_models.values()),
-                              f"RANDOM weights: {model_name} ({loaded.detail})", display_id=f"{self.name}-random-weights-{id(self)}")
+            page.show_html(
+                results.banner_html(self.random_models.values()),
+                f"RANDOM weights: {model_name} ({loaded.detail})",
+                display_id=f"{self.name}-random-weights-{id(self)}",
+            )
         return loaded
 
     @property
@@ -59,8 +65,17 @@ class Chapter:
         kinds = sorted({m.weights for m in chosen})
         return "/".join(kinds) if kinds else "n/a"
 
-    def claim(self, id: str, description: str, *, paper: Any, ours: Any, status: str,
-              weights: str | None = None, reason: str = "") -> results.Claim:
+    def claim(
+        self,
+        id: str,
+        description: str,
+        *,
+        paper: Any,
+        ours: Any,
+        status: str,
+        weights: str | None = None,
+        reason: str = "",
+    ) -> results.Claim:
         c = results.Claim(id, description, paper, ours, status, weights or self.weights_label(), reason)
         self.claims.append(c)
         return c
@@ -74,20 +89,23 @@ class Chapter:
         extra = dict(extra or {})
         extra.setdefault("models", {n: {"weights": m.weights, "detail": m.detail} for n, m in self.loaded.items()})
         extra.setdefault("seconds", round(time.perf_counter() - self.started, 2))
-        return results.save(self.name, self.claims, quick=self.quick, device=str(self.device), extra=extra,
-                            figures=self.figures)
+        return results.save(
+            self.name, self.claims, quick=self.quick, device=str(self.device), extra=extra, figures=self.figures
+        )
 
 
 def setup(name: str, *, device: str = "auto", weights: str = "auto", quick: bool = False, seed: int = 0) -> Chapter:
     """Resolve the papermill parameters, seed everything, set the figure style, print the environment."""
-    if weights not in models.WEIGHT_CHOICES:
-        raise ValueError(f"unknown weights {weights!r}; valid: {', '.join(models.WEIGHT_CHOICES)}")
+    if weights not in registry.WEIGHT_CHOICES:
+        raise ValueError(f"unknown weights {weights!r}; valid: {', '.join(registry.WEIGHT_CHOICES)}")
     resolved = runtime.resolve_device(device)
     runtime.seed_everything(seed)
     runtime.ensure_hub_mode()
     plotting.use_book_style()
     gpu = f" ({torch.cuda.get_device_name(resolved)})" if resolved.type == "cuda" else ""
-    print(f"chapter {name}: device={resolved}{gpu}, weights={weights}, quick={quick}, seed={seed}\n"
-          f"torch {torch.__version__}, python {platform.python_version()}, "
-          f"network {'available' if runtime.network_available() else 'unavailable (offline mode)'}")
+    print(
+        f"chapter {name}: device={resolved}{gpu}, weights={weights}, quick={quick}, seed={seed}\n"
+        f"torch {torch.__version__}, python {platform.python_version()}, "
+        f"network {'available' if runtime.network_available() else 'unavailable (offline mode)'}"
+    )
     return Chapter(name, resolved, weights, quick, seed)

@@ -1,0 +1,313 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers.linalg.kernels import _check_layer, kernel_basis, weight_matrix
+
+
+def _conv_input_shape(layer: nn.Conv2d, input_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 4 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 3 or shape[0] != layer.in_channels:
+        raise ValueError(
+            f"input_shape {tuple(input_shape)} does not fit {layer}: expected (C, H, W) or "
+            f"(1, C, H, W) with C = {layer.in_channels}"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def conv_apply(layer: nn.Conv2d, delta: torch.Tensor) -> torch.Tensor:
+    """The linear part of the conv (no bias) on (B, C, H, W) in delta's dtype: A delta."""
+    w = layer.weight.detach().to(delta.dtype).to(delta.device)
+    return F.conv2d(delta, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def dense_operator(
+    layer: nn.Conv2d,
+    input_shape: Sequence[int],
+    dtype: torch.dtype = torch.float64,
+    max_inputs: int = 6000,
+    region: tuple[slice, slice] | None = None,
+) -> torch.Tensor:
+    """The conv's matrix A (out_numel, n) on one image of ``input_shape``, built column by column.
+
+    ``region`` (rows, cols slices) restricts the columns to the pixels inside it (n = C * region pixels);
+    default: all pixels. Only for small column counts (n <= max_inputs): the whole-image operator of a
+    224x224 ResNet-50 conv1 has 150,528 columns: use ``polyphase_spectrum`` and ``boundary_near_null``.
+    """
+    c, h, w = _conv_input_shape(layer, input_shape)
+    rows, cols = region or (slice(0, h), slice(0, w))
+    inside = torch.zeros(h, w, dtype=torch.bool)
+    inside[rows, cols] = True
+    pixels = inside.nonzero()
+    n = c * len(pixels)
+    if n > max_inputs:
+        raise ValueError(
+            f"operator has {n} columns > max_inputs={max_inputs}; use a smaller image or region, "
+            "or polyphase_spectrum for the whole-image spectrum"
+        )
+    index = torch.arange(n)
+    basis = torch.zeros(n, c, h, w, dtype=dtype)
+    basis[index, index // len(pixels), pixels[index % len(pixels), 0], pixels[index % len(pixels), 1]] = 1.0
+    return torch.cat([conv_apply(layer, chunk).reshape(chunk.shape[0], -1) for chunk in basis.split(512)]).T
+
+
+def _smallest_right_singular(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All n singular values of A (m, n) ascending (zeros for a wide A) and the matching right vectors."""
+    m, n = a.shape
+    _, s, vh = torch.linalg.svd(a, full_matrices=m < n)
+    sv = torch.zeros(n, dtype=s.dtype)
+    sv[: s.numel()] = s
+    order = torch.argsort(sv)
+    return sv[order], vh[order]
+
+
+def operator_null_space(
+    layer: nn.Conv2d, input_shape: Sequence[int], *, rtol: float | None = None, k: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact null (or k smallest) right singular vectors of the whole-image conv operator (small images).
+
+    Returns (singular_values ascending, vectors (m, C, H, W) float64, unit norm). With ``k`` None: the exact
+    null space (singular values <= rtol * sigma_max; default rtol = max(A.shape) * eps64); else the k
+    smallest, null or not.
+    """
+    c, h, w = _conv_input_shape(layer, input_shape)
+    a = dense_operator(layer, (c, h, w))
+    sv, vh = _smallest_right_singular(a)
+    if k is None:
+        tol = (max(a.shape) * torch.finfo(a.dtype).eps if rtol is None else rtol) * float(sv.max())
+        keep = sv <= tol
+        sv, vh = sv[keep], vh[keep]
+    else:
+        sv, vh = sv[:k], vh[:k]
+    return sv, vh.reshape(-1, c, h, w)
+
+
+@dataclass
+class PolyphaseSpectrum:
+    """Singular values of the conv as an operator on the whole image, circular boundary (2-D DFT).
+
+    With stride (sh, sw) the image splits into sh*sw polyphase components on the output grid; the conv is a
+    sum of ordinary (stride-1) convolutions of them, so in the DFT of the output grid it becomes one small
+    matrix ``M(omega)`` of shape (out, in/groups... here in * sh * sw) per frequency. Its singular values
+    over all frequencies are exactly those of the circular operator.
+
+    matrices: (H', W', O, C*sh*sw) complex128; singular: (H', W', min(O, C*sh*sw)) descending.
+    """
+
+    layer_stride: tuple[int, int]
+    grid: tuple[int, int]
+    input_shape: tuple[int, int, int]
+    matrices: torch.Tensor
+    singular: torch.Tensor
+    padding: tuple[int, int]
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.singular.max())
+
+    @property
+    def per_frequency_nullity(self) -> int:
+        """max(0, C*sh*sw - O): exact null directions per frequency (whatever the weights)."""
+        o, n = self.matrices.shape[-2:]
+        return max(0, n - o)
+
+    def smallest(self) -> torch.Tensor:
+        """(H', W') the smallest singular value at each frequency (0 where a null direction exists)."""
+        if self.per_frequency_nullity:
+            return torch.zeros(self.grid, dtype=torch.float64)
+        return self.singular[..., -1]
+
+    def sigma_min(self) -> float:
+        return float(self.smallest().min())
+
+    def near_null_vectors(self, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most invisible real images: (sigmas (k,), images (k, C, H, W) unit norm), circular boundary."""
+        sigmas = self.smallest().flatten()
+        order = torch.argsort(sigmas)
+        out_s, out_v, seen = [], [], set()
+        gh, gw = self.grid
+        for idx in order.tolist():
+            i, j = divmod(idx, gw)
+            if (i, j) in seen:
+                continue
+            seen.update({(i, j), ((-i) % gh, (-j) % gw)})  # omega and -omega give the same real image
+            _, _, vh = torch.linalg.svd(self.matrices[i, j], full_matrices=True)
+            v = vh[-1].conj()
+            out_s.append(float(sigmas[idx]))
+            out_v.append(plane_wave(v, (i, j), self))
+            if len(out_s) == k:
+                break
+        return torch.tensor(out_s), torch.stack(out_v)
+
+
+def _phase_index(kernel: int, stride: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each kernel tap u: its polyphase component a = (u - pad) mod stride and shift q = floor(...)."""
+    u = torch.arange(kernel) - pad
+    return torch.remainder(u, stride), torch.div(u, stride, rounding_mode="floor")
+
+
+def polyphase_spectrum(layer: nn.Conv2d, input_shape: Sequence[int]) -> PolyphaseSpectrum:
+    """The conv's whole-image spectrum under circular boundary conditions (see ``PolyphaseSpectrum``).
+
+    Needs groups == 1 and H, W divisible by the stride. Cost: one (O x C*sh*sw) SVD per output frequency.
+    """
+    _check_layer(layer)
+    c, h, w = _conv_input_shape(layer, input_shape)
+    (sh, sw), (kh, kw), (ph, pw) = layer.stride, layer.kernel_size, layer.padding  # type: ignore[misc]
+    if layer.groups != 1 or h % sh or w % sw:
+        raise ValueError(
+            f"polyphase_spectrum needs groups=1 and H, W divisible by the stride {(sh, sw)}; "
+            f"got groups={layer.groups}, input {(c, h, w)}"
+        )
+    gh, gw = h // sh, w // sw
+    a_u, q_u = _phase_index(kh, sh, ph)
+    b_v, r_v = _phase_index(kw, sw, pw)
+    w1 = 2 * math.pi * torch.arange(gh, dtype=torch.float64) / gh
+    w2 = 2 * math.pi * torch.arange(gw, dtype=torch.float64) / gw
+    e1 = torch.exp(1j * w1[:, None] * q_u[None].double())  # (gh, kh)
+    e2 = torch.exp(1j * w2[:, None] * r_v[None].double())  # (gw, kw)
+    onehot_a = F.one_hot(a_u, sh).to(torch.complex128)  # (kh, sh)
+    onehot_b = F.one_hot(b_v, sw).to(torch.complex128)  # (kw, sw)
+    weight = layer.weight.detach().cpu().to(torch.complex128)
+    t = torch.einsum("ocuv,yv,vb->ocuyb", weight, e2, onehot_b)  # contract the columns first (cheap)
+    m = torch.einsum("ocuyb,xu,ua->xyocab", t, e1, onehot_a).reshape(gh, gw, weight.shape[0], c * sh * sw)
+    return PolyphaseSpectrum((sh, sw), (gh, gw), (c, h, w), m, torch.linalg.svdvals(m), (ph, pw))
+
+
+def plane_wave(v: torch.Tensor, freq: tuple[int, int], spectrum: PolyphaseSpectrum) -> torch.Tensor:
+    """The real image whose polyphase components are Re(v e^{i omega . n}) at output-grid frequency freq.
+
+    v: (C*sh*sw,) complex; returns (C, H, W) float64 of unit norm.
+    """
+    c, h, w = spectrum.input_shape
+    sh, sw = spectrum.layer_stride
+    gh, gw = spectrum.grid
+    i = torch.arange(gh, dtype=torch.float64)[:, None]
+    j = torch.arange(gw, dtype=torch.float64)[None, :]
+    wave = torch.exp(1j * 2 * math.pi * (freq[0] * i / gh + freq[1] * j / gw))  # (gh, gw)
+    phases = (v.reshape(c, sh, sw)[:, :, :, None, None] * wave).real  # (c, a, b, gh, gw)
+    image = phases.permute(0, 3, 1, 4, 2).reshape(c, h, w)  # pixel (sh*i + a, sw*j + b)
+    return image / image.norm()
+
+
+def circular_conv_apply(layer: nn.Conv2d, delta: torch.Tensor) -> torch.Tensor:
+    """The conv with circular (wrap-around) padding, the boundary condition of ``polyphase_spectrum``."""
+    ph, pw = layer.padding  # type: ignore[misc]
+    padded = F.pad(delta, (pw, pw, ph, ph), mode="circular") if (ph or pw) else delta
+    w = layer.weight.detach().to(delta.dtype).to(delta.device)
+    return F.conv2d(padded, w, None, layer.stride, 0, layer.dilation, layer.groups)
+
+
+def operator_gain(layer: nn.Conv2d, delta: torch.Tensor) -> float:
+    """||A delta|| / ||delta|| with the layer's real (zero-padded) conv, in float64 (delta (C, H, W))."""
+    d = delta.double().unsqueeze(0)
+    return float(conv_apply(layer, d).norm() / d.norm())
+
+
+def boundary_near_null(
+    layer: nn.Conv2d, input_shape: Sequence[int], k: int = 4, crop: int = 12
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most invisible perturbations supported in a crop x crop corner of the image, on the full image.
+
+    Zero padding makes border pixels less visible than interior ones (fewer windows see them), so the
+    whole-image operator's smallest singular vectors can sit at the corners, outside what
+    ``polyphase_spectrum`` (circular boundary) describes. Restricted to a corner, the operator is small and
+    exact: its columns are the corner's pixels, its rows every window that sees them (on a canvas with the
+    image's alignment to the stride). Returns (gains (k,) = ||A v|| measured by a direct convolution on the
+    full image, ascending; images (k, C, H, W) unit norm). Each gain bounds sigma_min of the full operator.
+    """
+    c, h, w = _conv_input_shape(layer, input_shape)
+    (kh, kw), (sh, sw) = layer.kernel_size, layer.stride  # type: ignore[misc]
+    m_h, m_w = min(crop, h), min(crop, w)
+    canvas_h = min(h, m_h + kh + (h - m_h - kh) % sh) if h > m_h + kh else h
+    canvas_w = min(w, m_w + kw + (w - m_w - kw) % sw) if w > m_w + kw else w
+    found: list[tuple[float, torch.Tensor]] = []
+    for top in (True, False):
+        for left in (True, False):
+            rows = slice(0, m_h) if top else slice(canvas_h - m_h, canvas_h)
+            cols = slice(0, m_w) if left else slice(canvas_w - m_w, canvas_w)
+            a = dense_operator(layer, (c, canvas_h, canvas_w), region=(rows, cols), max_inputs=10_000)
+            _, vh = _smallest_right_singular(a)
+            for v in vh[:k]:
+                full = torch.zeros(c, h, w, dtype=torch.float64)
+                full[:, rows if top else slice(h - m_h, h), cols if left else slice(w - m_w, w)] = v.reshape(
+                    c, m_h, m_w
+                )
+                found.append((operator_gain(layer, full), full / full.norm()))
+    found.sort(key=lambda t: t[0])
+    return torch.tensor([g for g, _ in found[:k]]), torch.stack([v for _, v in found[:k]])
+
+
+def window_stats(layer: nn.Conv2d, p: torch.Tensor, phi: torch.Tensor) -> dict[str, Any]:
+    """What the conv's windows see of a tiled perturbation p (C, H, W): how many windows equal phi exactly.
+
+    Returns ``exact_fraction`` (windows whose content is beta*phi for some beta, incl. 0), and
+    ``window_residual`` (H', W') = ||W1 window|| / (||W1||_2 ||window||), the per-window leak.
+    """
+    cols = F.unfold(p.double().unsqueeze(0), layer.kernel_size, layer.dilation, layer.padding, layer.stride)[0]
+    cols = cols.T  # (L, C*kh*kw)
+    w = weight_matrix(layer).cpu()
+    u = phi.double().flatten() / phi.double().norm()
+    along = cols @ u
+    off = (cols - along[:, None] * u[None]).norm(dim=1)
+    exact = off <= 1e-9 * cols.norm(dim=1).clamp_min(1e-300)
+    leak = (cols @ w.T).norm(dim=1) / (torch.linalg.matrix_norm(w, 2) * cols.norm(dim=1).clamp_min(1e-300))
+    hh, ww = _out_hw(layer, p.shape)
+    return {"exact_fraction": float(exact.double().mean()), "window_residual": leak.reshape(hh, ww)}
+
+
+def _out_hw(layer: nn.Conv2d, shape: Sequence[int]) -> tuple[int, int]:
+    h, w = shape[-2:]
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding  # type: ignore[misc]
+    return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+
+def periodic_patch_matrix(layer: nn.Conv2d) -> torch.Tensor:
+    """W1 restricted to stride-periodic patches: (out, C*sh*sw) float64.
+
+    A tiled perturbation is realisable by an image, with every window showing the same phi (Remark 3),
+    only if phi repeats with the stride inside the kernel; such phi live in a C*sh*sw dimensional space, and
+    ``W1 phi = 0`` there iff this matrix has a kernel (it is M(omega = 0) of the polyphase spectrum).
+    """
+    (kh, kw), (sh, sw) = layer.kernel_size, layer.stride  # type: ignore[misc]
+    a = F.one_hot(torch.arange(kh) % sh, sh).double()
+    b = F.one_hot(torch.arange(kw) % sw, sw).double()
+    w = layer.weight.detach().cpu().double()
+    return torch.einsum("ocuv,ua,vb->ocab", w, a, b).reshape(w.shape[0], -1)
+
+
+def exact_null_directions(layer: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    """An orthonormal basis (k, *input_shape) of the first layer's exact null space on whole inputs.
+
+    Linear: ker(W1). Conv2d with non-overlapping windows (stride == kernel, no padding, whole patches):
+    ker(W1) in each patch independently. Other convs: the null space of the dense whole-image operator
+    (small images only; may be empty, e.g. ResNet-50's conv1). Model space, float64.
+    """
+    _check_layer(layer)
+    if isinstance(layer, nn.Linear):
+        return kernel_basis(layer).vectors.reshape(-1, *input_shape)
+    c, h, w = _conv_input_shape(layer, input_shape)
+    k, s, p = tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.padding)
+    if k == s and p == (0, 0) and h % k[0] == 0 and w % k[1] == 0 and layer.groups == 1:
+        basis = kernel_basis(layer).vectors
+        rows, cols = h // k[0], w // k[1]
+        out = torch.zeros(rows * cols * basis.shape[0], c, h, w, dtype=torch.float64)
+        i = 0
+        for r in range(rows):
+            for q in range(cols):
+                out[i : i + basis.shape[0], :, r * k[0] : (r + 1) * k[0], q * k[1] : (q + 1) * k[1]] = basis
+                i += basis.shape[0]
+        return out
+    _, vectors = operator_null_space(layer, (c, h, w))
+    return vectors

@@ -1,0 +1,97 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers.data.normalization import PixelInputError
+from helpers.progress import progress_bar
+
+SEGMENTER_CLASSES = 2  # 0: background, 1: digit (binary, like ASMA's medical masks)
+
+
+def mask_iou(pred: torch.Tensor, target: torch.Tensor, background: int = 0) -> float:
+    """Foreground IoU with class agreement: |pred == target on foreground| / |foreground of either|.
+
+    For binary masks this is ASMA's IoU (intersection / union of the foreground); (H, W) integer masks.
+    """
+    if pred.shape != target.shape:
+        raise PixelInputError(f"masks must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    union = (pred != background) | (target != background)
+    inter = (pred == target) & (target != background)
+    total = union.sum().item()
+    return inter.sum().item() / total if total else 1.0
+
+
+def patch_segmenter(patch: int = 4, embed: int = 8, width: int = 32, classes: int = SEGMENTER_CLASSES) -> nn.Sequential:
+    """A fully convolutional segmenter whose first layer is a patch embedding (stride = kernel = ``patch``):
+    ``embed`` < patch**2 gives a kernel of dimension patch**2 - embed per patch, so exact colliding
+    segmentations exist. (B, 1, H, W) pixels -> (B, classes, H, W) logits; H, W divisible by ``patch``."""
+    return nn.Sequential(
+        nn.Conv2d(1, embed, patch, stride=patch),
+        nn.ReLU(),
+        nn.Conv2d(embed, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, classes, 1),
+        nn.Upsample(scale_factor=patch, mode="bilinear", align_corners=False),
+    )
+
+
+def digit_masks(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Binary segmentation targets for MNIST: (N, 1, H, W) pixels -> (N, H, W) long, 1 where the pixel is
+    above ``threshold`` (the digit), 0 elsewhere."""
+    return (images[:, 0] > threshold).long()
+
+
+def train_mnist_segmenter(
+    device: str | torch.device = "cpu",
+    *,
+    train_size: int = 12800,
+    epochs: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[nn.Sequential, float]:
+    """Train ``patch_segmenter`` on binary MNIST digit masks (cached by its settings); returns (model in eval
+    mode, foreground IoU on 2,000 test digits, 0..1)."""
+    import hashlib
+
+    from helpers import runtime
+    from helpers.data import mnist_data
+
+    key = hashlib.sha256(json.dumps([train_size, epochs, seed, "patch_segmenter-binary-v1"]).encode()).hexdigest()[:12]
+    path = runtime.cache_dir() / "mnist-models" / f"segmenter-{key}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if isinstance(device, str) else device
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = patch_segmenter()
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        images, _ = mnist_data.load(train=True)
+        images, masks = images[:train_size], digit_masks(images[:train_size])
+        model = model.to(device).train()
+        optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+        steps = epochs * (train_size // 128)
+        bar = progress_bar(total=steps, desc="train MNIST segmenter", disable=not progress, leave=False)
+        for _ in range(epochs):
+            for batch in torch.randperm(train_size, generator=generator).split(128)[: train_size // 128]:
+                optimiser.zero_grad(set_to_none=True)
+                F.cross_entropy(model(images[batch].to(device)), masks[batch].to(device)).backward()
+                optimiser.step()
+                bar.update()
+        bar.close()
+        tmp = path.with_suffix(".tmp")
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+        tmp.replace(path)
+    model = model.to(device).eval()
+    test_images, _ = mnist_data.load(train=False)
+    with torch.no_grad():
+        pred = model(test_images[:2000].to(device)).argmax(1).cpu()
+    return model, mask_iou(pred, digit_masks(test_images[:2000]))
