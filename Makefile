@@ -1,7 +1,8 @@
 # collisions-book: `make build` renders the book, `make test` runs the tests. Both install what they need.
 #
 #   make build                 create/update .venv, execute changed chapters (papermill), render _build/html
-#   make test                  create/update .venv, pytest + every chapter with quick=True on the CPU, rendered into
+#   make lint                  ruff (lint + format check) on helpers/, tests/, chapters/ and mypy on helpers/
+#   make test                  create/update .venv, lint + pytest + every chapter with quick=True on the CPU, rendered into
 #                              a quick book (_build/quick) that the reader's test opens in headless Chromium
 #   make build DEVICE=cuda     run the chapters on a GPU (default: auto = cuda when available)
 #   make build PYTHON=python3  use an existing interpreter (e.g. a GPU box with torch installed) instead of .venv
@@ -31,16 +32,16 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
 
-.PHONY: env build test pytest quick-book reader clean help
+.PHONY: env build test lint pytest quick-book reader clean help
 
 help:
-	@sed -n '1,12p' Makefile
+	@sed -n '1,13p' Makefile
 
-$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
+$(VENV)/.installed: requirements.txt helpers/nodeps.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -r requirements.txt
-	$(VENV)/bin/python -m pip install --no-deps -r requirements-nodeps.txt
+	$(VENV)/bin/python -m pip install --no-deps -r helpers/nodeps.txt
 	$(VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
@@ -48,6 +49,11 @@ env: $(ENV_STAMP)
 
 build: env
 	$(PY) -m helpers.book build --device $(DEVICE) --weights $(WEIGHTS) --seed $(SEED)
+
+lint: env
+	$(PY) -m ruff check helpers tests chapters tools
+	$(PY) -m ruff format --check helpers tests chapters tools
+	$(PY) -m mypy
 
 pytest: env
 	$(PY) -m pytest -q
@@ -62,7 +68,8 @@ reader: env
 
 test: env
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pytest && $(MAKE) --no-print-directory quick-book && \
+	$(MAKE) --no-print-directory lint && $(MAKE) --no-print-directory pytest && \
+	$(MAKE) --no-print-directory quick-book && \
 	$(MAKE) --no-print-directory reader; rc=$$?; \
 	echo "[make test] $$(( $$(date +%s) - start )) s"; exit $$rc
 

@@ -26,7 +26,10 @@ def print_report(report: dict[str, Any], as_json: bool) -> None:
 def parse_eps(text: str) -> float:
     """'8/255' or '0.03' -> float."""
     num, _, den = text.partition("/")
-    return float(num) / float(den or 1)
+    try:
+        return float(num) / float(den or 1)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"budget {text!r} is not a number; valid: a float (0.03) or a fraction (8/255)") from None
 
 
 # --- models, load -----------------------------------------------------------------------------------------
@@ -55,6 +58,27 @@ def _load_command(args: argparse.Namespace) -> int:
     }
     print_report(info, args.json)
     return 0
+
+
+def nodeps_requirements() -> str:
+    """The text of ``helpers/nodeps.txt``: the pinned packages that must be installed with ``--no-deps``."""
+    from importlib import resources
+
+    return resources.files("helpers").joinpath("nodeps.txt").read_text()
+
+
+def _install_nodeps_command(args: argparse.Namespace) -> int:
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+        f.write(nodeps_requirements())
+        f.flush()
+        command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-r", f.name]
+        if args.dry_run:
+            print(" ".join(command[:-1] + ["helpers/nodeps.txt"]))
+            return 0
+        return subprocess.call(command)
 
 
 # --- audit ------------------------------------------------------------------------------------------------
@@ -157,6 +181,8 @@ def _polytope_command(args: argparse.Namespace) -> int:
     for index in (args.target, args.start if args.start is not None else args.target):
         if not 0 <= index < len(images):
             raise ValueError(f"test image index {index} out of range; valid: 0..{len(images) - 1}")
+    if not isinstance(loaded.model, torch.nn.Sequential):
+        raise ValueError(f"{args.model!r} is not an nn.Sequential MNIST model; valid: {', '.join(POLYTOPE_MODELS)}")
     split = polytope.split_sequential(loaded.model, polytope.MNIST_SPLITS[args.model], (1, 28, 28))
     target = images[args.target : args.target + 1]
     start = images[args.start : args.start + 1] if args.start is not None else target
@@ -229,7 +255,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """All subcommands: models, load, audit, collide, attacks, polytope, gauge."""
+    """All subcommands: models, load, install-nodeps, audit, collide, attacks, polytope, gauge."""
     # Option values that live in experiment modules are repeated as plain data here, so that building the
     # parser imports no experiment module (tests/test_cli.py checks they agree).
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
@@ -243,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a registry name (see `models`)")
     add_common(p)
     p.set_defaults(func=_load_command)
+
+    p = sub.add_parser("install-nodeps", help="pip install --no-deps the pins of helpers/nodeps.txt (Colab)")
+    p.add_argument("--dry-run", action="store_true", help="print the pip command instead of running it")
+    p.set_defaults(func=_install_nodeps_command)
 
     p = sub.add_parser("audit", help="Table 1 numbers of a model: n, nu, mu, nullities, W1")
     p.add_argument("model", help="a registry name (see `python -m helpers models`)")

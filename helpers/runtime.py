@@ -10,6 +10,8 @@ import functools
 import os
 import random
 import socket
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -114,4 +116,24 @@ def cache_dir() -> Path:
     env = os.environ.get("COLLISIONS_CACHE")
     path = Path(env) if env else Path.home() / ".cache" / "collisions-book"
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """Write a file so that readers see either the old file or the complete new one, never half of it.
+
+    ``write(tmp)`` writes to a unique temporary file in the same folder (so concurrent writers do not share one),
+    which is flushed to disk and then renamed over ``path``. On any error the temporary file is removed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

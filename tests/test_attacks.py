@@ -1,7 +1,9 @@
-"""helpers.attacks: PGD glue, ASMA, pixel-space kernels and colliding adversarial examples (small seeded models)."""
+"""helpers.experiments.attacks: PGD glue, ASMA, pixel-space kernels, colliding adversarial examples and the Fig. 3
+study and decision rules (small seeded models)."""
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from torch import nn
@@ -133,3 +135,110 @@ def test_asma_rejects_bad_targets() -> None:
         attacks.asma(seg, x, torch.zeros(16, 16), iterations=1)
     with pytest.raises(normalization.PixelInputError, match="one image"):
         attacks.asma(seg, torch.cat([x, x]), torch.zeros(16, 16, dtype=torch.long), iterations=1)
+
+
+def test_pgd_twins_and_budget_study() -> None:
+    model = normalization.PixelSpace(_patch_classifier())
+    images = _images(n=6)
+    labels = model(images).argmax(1).detach()  # the model is "right" on every image
+    run = attacks.pgd_twins(model, images[:1], eps=0.1, pgd_eps=0.05, steps=3, n=4, seed=0)
+    assert torch.equal(run.label, labels[:1]) and run.adversarial.shape == (1, 3, 16, 16)
+    assert run.report["n"] == run.report["keep_adversarial_prediction"] == 4 and run.report["within_eps"]
+    assert 0 <= run.report["saturated_pixels"] <= 1
+    rows, smallest = attacks.pgd_budget_study(
+        model, images, labels, eps=0.2, pgd_budgets=(0.2, 0.1), steps=5, n=3, seed=0
+    )
+    assert list(rows) == [0.2, 0.1] and rows[0.1]["pgd_eps"] == 0.1 and rows[0.2]["within_eps"]
+    assert float((smallest.adversarial - smallest.clean).abs().max()) <= 0.1 + 1e-6
+    assert smallest.twins.images.shape == (3, 3, 16, 16) and smallest.report["keep_adversarial_prediction"] == 3
+    table = attacks.twin_table_rows({("patch", e): r for e, r in rows.items()})
+    assert list(table) == ["patch, PGD eps 0.2", "patch, PGD eps 0.1"]
+    assert list(table["patch, PGD eps 0.1"]) == list(attacks.TWIN_COLUMNS)
+    fig = attacks.twins_figure(model, smallest, attack="PGD", shown=2, k=3)
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["clean", "PGD", "twin 0", "twin 1"]
+    plt.close(fig)
+    with pytest.raises(normalization.PixelInputError, match="<= eps"):
+        attacks.pgd_budget_study(model, images, labels, eps=0.1, pgd_budgets=(0.2,), steps=1)
+
+
+def test_asma_summary_square_target_and_mask_figure() -> None:
+    seg = _threshold_segmenter()
+    x = _images(c=1, size=8)
+    target = attacks.square_target(8, 1)
+    assert target.dtype == torch.long and int(target.sum()) == 16 and target[2:6, 2:6].eq(1).all()
+    result = attacks.asma(seg, x, target, iterations=5, tau=1e-2, beta=1e-1)
+    summary = attacks.asma_summary(result)
+    assert summary["iterations"] == len(result.iou) - 1 and summary["IoU start"] == result.iou[0]
+    assert summary["IoU best"] >= summary["IoU end"] == result.final_iou and summary["l_inf"] == result.linf[-1]
+    masks = attacks.predicted_masks(seg, [x, result.adversarial])
+    assert len(masks) == 2 and masks[0].shape == (8, 8)
+    fig = attacks.mask_figure(seg, [x, result.adversarial], ["clean", "ASMA"], target=target)
+    assert "IoU with target" in fig.axes[4].get_title()
+    plt.close(fig)
+    with pytest.raises(normalization.PixelInputError, match="size must be >= 4"):
+        attacks.square_target(3, 1)
+
+
+def _report(n: int = 100, **changes: object) -> dict:
+    base = {
+        "n": n,
+        "distinct": n,
+        "keep_adversarial_prediction": n,
+        "adversarial_differs_from_clean": True,
+        "max_rel_output_change": 1e-7,
+        "max_linf_to_clean": 0.3,
+        "within_eps": True,
+        "in_range": True,
+    }
+    return {**base, **changes}
+
+
+def _fig3(**changes: object) -> attacks.Fig3Results:
+    values = {
+        "mnist": {("patch", 0.3): _report(distinct=1), ("patch", 0.2): _report(), ("mlp", 0.2): _report()},
+        "mnist_eps": 0.3,
+        "mnist_pgd_eps": 0.2,
+        "model": "deit_tiny_patch16_224",
+        "classification": _report(8),
+        "imagenet_eps": 8 / 255,
+        "asma_iou": (0.1, 0.8),
+        "segmenter": _report(),
+        "mobilenet": {"linf_to_clean": 8 / 255, "first_layer_rel": 0.04},
+        "benchmark": {"MNIST patch": {"n": 100, "seconds_colliding": 0.1, "seconds_pgd_loop": 2.0, "speedup": 20.0}},
+    }
+    return attacks.Fig3Results(**{**values, **changes})
+
+
+def test_fig3_requirements_pass_and_fail() -> None:
+    good = attacks.fig3_requirements(_fig3())
+    assert list(good) == ["classification", "mnist", "segmenter", "mobilenet"]
+    assert all(r.ok for group in good.values() for r in group)
+    assert [len(group) for group in good.values()] == [2, 6 + 4 + 1, 2, 1]
+    bad = _fig3(
+        mnist={("patch", 0.2): _report(within_eps=False), ("mlp", 0.2): _report(distinct=40)},
+        classification=_report(8, keep_adversarial_prediction=7),
+        asma_iou=(0.5, 0.4),
+        segmenter=_report(within_eps=False),
+        mobilenet={"linf_to_clean": 0.05, "first_layer_rel": 0.04},
+        benchmark={"MNIST patch": {"n": 100, "seconds_colliding": 3.0, "seconds_pgd_loop": 2.0, "speedup": 0.7}},
+    )
+    failed = [r.what for group in attacks.fig3_requirements(bad).values() for r in group if not r.ok]
+    assert failed == [
+        "deit_tiny_patch16_224: every twin within 8/255, in range, distinct, same prediction",
+        "MNIST patch (PGD 0.2): twins within eps and in [0, 1]",
+        "MNIST mlp: >= 100 distinct colliding adversarial examples",
+        "100 twins are cheaper than 100 PGD runs (MNIST patch)",
+        "ASMA raises the IoU with the target (MNIST segmenter)",
+        "MNIST segmenter: every twin keeps the ASMA mask exactly, within eps",
+        "MobileNet-V3 tiled twin within budget",
+    ]
+
+
+def test_fig3_table_and_extra() -> None:
+    r = _fig3()
+    rows = attacks.fig3_paper_vs_ours(r, "ViT-B", "MobileNet-V3")
+    assert [row["paper"] for row in rows] == ["ViT-B", "—", "MobileNet-V3", "—"]
+    assert rows[0]["ours"] == "deit_tiny_patch16_224: 8/8 within 8/255" and rows[1]["ours"] == "100/100, 100/100"
+    extra = r.extra()
+    assert list(extra) == ["mnist", "classification", "mnist_segmenter", "asma_mnist_iou", "mobilenet", "benchmark"]
+    assert list(extra["mnist"]) == ["patch@0.3", "patch@0.2", "mlp@0.2"] and extra["asma_mnist_iou"] == [0.1, 0.8]

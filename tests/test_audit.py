@@ -16,15 +16,6 @@ def _rank_r(rows: int, cols: int, r: int, seed: int = 0) -> torch.Tensor:
     return (torch.randint(-3, 4, (rows, r), generator=g) @ torch.randint(-3, 4, (r, cols), generator=g)).float()
 
 
-def _with_spectrum(rows: int, cols: int, sigma: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A float64 matrix with exactly the given singular values (random orthogonal factors)."""
-    g = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=g, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
-    p = min(rows, cols)
-    return u[:, :p] @ torch.diag(sigma.to(torch.float64)) @ v[:, :p].T
-
-
 def test_conv_linear_and_attention_matrix_rule() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(10, 4))
     mats = audit.weight_matrices(model)
@@ -81,7 +72,7 @@ def test_fast_equals_reference_near_the_threshold(dtype: torch.dtype) -> None:
         for factor in (0.3, 1.0, 3.0, 30.0, 1e4):
             sigma = torch.linspace(1.0, 0.5, p, dtype=torch.float64)
             sigma[-1] = factor * tol
-            mats.append(_with_spectrum(rows, cols, sigma, seed=i).to(dtype))
+            mats.append(table1.with_spectrum(rows, cols, sigma, torch.Generator().manual_seed(i)).to(dtype))
         mats.append(torch.randn(rows, cols, dtype=dtype))
         mats.append(torch.zeros(rows, cols, dtype=dtype))
     fast = rank_rule.matrix_ranks(mats, dtype=dtype, method="fast")
@@ -93,11 +84,6 @@ def test_fast_equals_reference_near_the_threshold(dtype: torch.dtype) -> None:
 def test_reference_rank_matches_torch_matrix_rank() -> None:
     w = _rank_r(30, 50, 7).double()
     assert rank_rule.reference_rank(w)[0] == int(torch.linalg.matrix_rank(w)) == 7
-
-
-def test_implied_n_uses_truncated_percentages() -> None:
-    assert 8 in table1.implied_n(7, 87)  # 87.5% printed 87%
-    assert table1.implied_n(36, 66) & table1.implied_n(33, 61) == {54}
 
 
 def test_audit_is_cached_by_weight_fingerprint(tmp_path, monkeypatch) -> None:

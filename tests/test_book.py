@@ -1,10 +1,12 @@
-"""The book's structure: toc, chapter notebooks (parameters, no outputs), results and scoreboard, CLI."""
+"""The book's structure: toc, chapter notebooks (parameters, no outputs), results and scoreboard, staging.
+
+The command line is tested in tests/test_cli.py.
+"""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,19 +70,90 @@ def test_checks_fail_the_build() -> None:
         checks.finish()
 
 
-def test_cli_lists_models_and_rejects_unknown_ones() -> None:
-    listed = subprocess.run(
-        [sys.executable, "-m", "helpers", "models", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=pipeline.ROOT,
-        check=True,
+# --- staging the book's source ----------------------------------------------------------------------------
+
+
+def _cell(kind: str, source: str, tags: tuple[str, ...] = (), outputs: list | None = None) -> dict:
+    cell = {"cell_type": kind, "metadata": {"tags": list(tags)} if tags else {}, "source": source.splitlines(True)}
+    if kind == "code":
+        cell |= {"execution_count": 1, "outputs": outputs or []}
+    return cell
+
+
+def _executed_chapter(title: str) -> dict:
+    """An executed chapter as papermill leaves it: defaults, injected parameters, install, setup, work, claims."""
+    badge = f"[![Open In Colab]({pipeline.COLAB_BADGE_URL})](https://colab.research.google.com/github/x/y)"
+    shown = [{"output_type": "stream", "name": "stdout", "text": ["residual 1e-07\n"]}]
+    cells = [
+        _cell("markdown", f"# {title}\n\n{badge}"),
+        _cell("code", 'device = "auto"\nquick = False', ("parameters",)),
+        _cell("code", 'device = "cpu"\nquick = True', ("injected-parameters",)),
+        _cell("code", pipeline.COLAB_INSTALL_CELL),
+        _cell("code", 'ch = chapter.setup("x", device=device)'),
+        _cell("code", "print(residual)", outputs=shown),
+        _cell("code", "checks = results.Checks()\nch.finish(checks)", ("claims",)),
+    ]
+    return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+@pytest.fixture
+def fake_book(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A repository with two chapters and a page, and a build folder holding both executed chapters and their
+    results; returns (build folder, outputs folder)."""
+    root, out, outputs = tmp_path / "repo", tmp_path / "build", tmp_path / "outputs"
+    (root / "chapters").mkdir(parents=True)
+    (root / "_static").mkdir()
+    (root / "_static" / "colab-badge.svg").write_text("<svg/>")
+    (root / "_config.yml").write_text('title: "Fake book"\n')
+    toc = "format: jb-book\nroot: intro\nchapters:\n- file: scoreboard\n- file: chapters/a\n- file: chapters/b\n"
+    (root / "_toc.yml").write_text(toc)
+    (root / "intro.md").write_text("# Intro\n")
+    (out / "executed").mkdir(parents=True)
+    for stem, title in (("a", "Chapter A"), ("b", "Chapter B")):
+        nb = json.dumps(_executed_chapter(title), indent=1)
+        (root / "chapters" / f"{stem}.ipynb").write_text(nb)  # the source: titles come from here
+        (out / "executed" / f"{stem}.ipynb").write_text(nb)
+    monkeypatch.setattr(pipeline, "ROOT", root)
+    monkeypatch.setenv("COLLISIONS_OUT", str(outputs))
+    results.save("a", [results.Claim("a.1", "residual is zero", 0, 1e-7, results.REPRODUCED)], quick=True, device="cpu")
+    results.save(
+        "b", [results.Claim("b.1", "two colliding images", 2, 2, results.REPRODUCED)], quick=True, device="cpu"
     )
-    assert any(row["name"] == "resnet50" for row in json.loads(listed.stdout))
-    bad = subprocess.run(
-        [sys.executable, "-m", "helpers", "load", "resnet51", "--weights", "random"],
-        capture_output=True,
-        text=True,
-        cwd=pipeline.ROOT,
+    return out, outputs
+
+
+def test_stage_assembles_the_book_source(fake_book: tuple[Path, Path]) -> None:
+    out, outputs = fake_book
+    src = pipeline.stage(out, outputs)
+    assert src == out / "src"
+    root = pipeline.ROOT
+    for name in ("_config.yml", "_toc.yml", "intro.md", "_static/colab-badge.svg"):
+        assert (src / name).read_text() == (root / name).read_text(), name
+    assert sorted(p.name for p in (src / "chapters").iterdir()) == ["a.ipynb", "b.ipynb"]
+    scoreboard = (src / "scoreboard.md").read_text()
+    assert "## [Chapter A](chapters/a.ipynb) (quick mode)" in scoreboard
+    assert "## [Chapter B](chapters/b.ipynb) (quick mode)" in scoreboard
+    assert (
+        "residual is zero" in scoreboard and "two colliding images" in scoreboard and "**2 reproduced.**" in scoreboard
     )
-    assert bad.returncode == 2 and "unknown model 'resnet51'" in bad.stderr and "resnet50" in bad.stderr
+
+    cells = json.loads((src / "chapters" / "a.ipynb").read_text())["cells"]
+    tags = [c.get("metadata", {}).get("tags", []) for c in cells]
+    assert "remove-cell" not in tags[0] and "/_static/colab-badge.svg" in cells[0]["source"]
+    assert pipeline.COLAB_BADGE_URL not in cells[0]["source"]
+    assert all("remove-cell" in t for t in tags[1:4]), tags  # defaults, injected parameters, Colab install
+    assert tags[4] == ["hide-output"]  # the setup cell
+    assert tags[5] == [] and cells[5]["outputs"][0]["text"] == ["residual 1e-07\n"]  # the work: shown, untouched
+    assert tags[6] == ["claims", "hide-input"]
+
+
+def test_stage_starts_from_scratch_and_needs_every_page(fake_book: tuple[Path, Path]) -> None:
+    out, outputs = fake_book
+    stale = out / "src" / "chapters" / "old.ipynb"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    pipeline.stage(out, outputs)
+    assert not stale.exists()
+    (out / "executed" / "b.ipynb").unlink()
+    with pytest.raises(SystemExit, match="missing page for toc entry 'chapters/b'"):
+        pipeline.stage(out, outputs)

@@ -1,4 +1,4 @@
-"""Data loaders: MNIST from COLLISIONS_DATA, sample and user images, preprocessing, training cache."""
+"""Data loaders: MNIST from COLLISIONS_DATA, sample and user images, preprocessing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import torch
 
 from helpers import runtime
 from helpers.data import mnist_data, normalization, photos
-from helpers.models import train
 
 from .conftest import needs_mnist
 
@@ -51,21 +50,3 @@ def test_user_image_path(tmp_path) -> None:
     path = tmp_path / "cat.png"
     photos.load_image("cat").save(path)
     assert photos.load_image(path).size == photos.load_image("cat").size
-
-
-@needs_mnist
-def test_training_is_cached_by_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    monkeypatch.setenv("COLLISIONS_CACHE", str(tmp_path))
-    config = train.TrainConfig("mlp", {"hidden": (32,)}, epochs=1, train_size=2000)
-    first = train.train_mnist(config, "cpu", progress=False)
-    second = train.train_mnist(config, "cpu", progress=False)
-    assert not first.from_cache and second.from_cache
-    assert first.test_accuracy == second.test_accuracy > 0.5
-    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
-        assert torch.equal(a.cpu(), b.cpu())
-    assert train.TrainConfig("mlp", {"hidden": (33,)}).key() != config.key()
-
-
-def test_unknown_mnist_kind() -> None:
-    with pytest.raises(KeyError, match="valid: mlp, cnn, patch, lenet5"):
-        train.TrainConfig("resnet", {}).build()

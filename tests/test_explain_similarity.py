@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -56,3 +57,12 @@ def test_identical_images_and_errors(pair) -> None:
         similarity.feature_distance(model, x, x, layers=["nope"])
     with pytest.raises(ValueError, match="same shape"):
         explain.map_difference(torch.zeros(2), torch.zeros(3))
+
+
+def test_gauss_legendre_matches_captums_quadrature() -> None:
+    from captum.attr._utils.approximation_methods import approximation_parameters
+
+    step_sizes, alphas = approximation_parameters("gausslegendre")
+    nodes, weights = explain.gauss_legendre(16)
+    assert np.array_equal(nodes, np.array(alphas(16))) and np.array_equal(weights, np.array(step_sizes(16)))
+    assert abs(weights.sum() - 1) < 1e-12 and ((nodes > 0) & (nodes < 1)).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -142,7 +143,6 @@ def test_misclassified_count_zero_and_median_ignores_them() -> None:
 
 @needs_mnist
 def test_one_tiny_sweep_point_end_to_end(tmp_path, monkeypatch) -> None:
-    pytest.importorskip("helpers.audit")
     monkeypatch.setenv("COLLISIONS_CACHE", str(tmp_path))
     settings = gauge.AttackSettings(eval_size=32, pgd_eps=(0.1,), pgd_steps=3, fab_steps=3)
     config = gauge.family_config("patch", 8, epochs=1, train_size=512)
@@ -152,6 +152,16 @@ def test_one_tiny_sweep_point_end_to_end(tmp_path, monkeypatch) -> None:
     assert 0 <= row["pgd_acc@0.1"] <= row["eval_clean_acc"] <= 1
     assert row["eval_clean_acc"] == 0 or row["median_l2"] > 0  # the median runs over correctly classified digits
     assert 0 < row["nu_over_n"] <= 1 and 0 <= row["mu_over_n"] <= 1
+    must_hold = gauge.sweep_invariants([row], ["patch"], epochs=1, train_size=512)
+    assert must_hold[0][0] and not must_hold[1][0]  # nullity(W1) = p - q, but one width does not sweep to 0
+    assert must_hold[2][0] and "reloaded" in must_hold[2][1]  # a fresh audit of the cached model agrees
+    fab = gauge.fab_step_check([row], settings, 1, 512, family="patch")  # the model comes back from the cache
+    assert (fab["width"], fab["steps"]) == (8, 3)
+    if math.isnan(row["median_l2"]):  # no correctly classified digit: the reloaded model has none either
+        assert math.isnan(fab["longer"])
+    else:
+        assert fab["median_l2"] == row["median_l2"] and fab["longer"] > 0
+        assert fab["change_pct"] == pytest.approx(100 * (fab["longer"] / row["median_l2"] - 1))
 
 
 def test_cli_registers_the_gauge_command() -> None:
@@ -168,3 +178,176 @@ def test_imagenet_path_normalises_pixels_and_keeps_clean_predictions_at_zero_bud
     assert gauge.imagenet_robust_agreement(net, pixels, 0.0) == 1.0
     assert 0 <= gauge.imagenet_robust_agreement(net, pixels, 0.05, steps=3) <= 1
     assert gauge.imagenet_input_size(net, "inception_v3") == 299 and gauge.imagenet_input_size(net, "alexnet") == 224
+
+
+def _corr(rho: float, lo: float, hi: float) -> gauge.Correlation:
+    return gauge.Correlation(rho, lo, hi, n=12, groups=6)
+
+
+def test_supports_h_needs_both_intervals_below_zero() -> None:
+    below, straddles = _corr(-0.8, -0.95, -0.4), _corr(-0.5, -0.9, 0.1)
+    assert gauge.supports_h(below, below)
+    assert not gauge.supports_h(below, straddles)  # the parameter count explains it
+    assert not gauge.supports_h(straddles, below)
+    assert not gauge.supports_h(_corr(0.7, 0.4, 0.9), below)  # the opposite direction
+    assert not gauge.supports_h(below, None)  # no partial correlation (the metric is the control)
+    assert not gauge.supports_h(_corr(math.nan, math.nan, math.nan), below)  # a constant metric gauges nothing
+    assert not gauge.supports_h(_corr(-0.5, -0.9, 0.0), below)  # an interval touching 0 is not below it
+
+
+def _table(pooled: gauge.Correlation, partial: gauge.Correlation | None, metric: str = "nullity_w1") -> list[dict]:
+    return [
+        {
+            "risk": "median_l2",
+            "metric": metric,
+            "pooled": pooled,
+            "given clean_acc": pooled,
+            "given log10_params": partial,
+            "mlp": _corr(-1, -1, -1),
+            "cnn": _corr(math.nan, math.nan, math.nan),
+        }
+    ]
+
+
+def test_verdict_applies_the_rule_and_names_missing_metrics() -> None:
+    below = _corr(-0.8, -0.95, -0.4)
+    ok, text = gauge.verdict(_table(below, below), "nullity_w1", ["mlp", "cnn"])
+    assert ok and text == (
+        "ρ(median ℓ2) = -0.80 [-0.95, -0.40], given log #params -0.80 [-0.95, -0.40]; "
+        "mlp: -1.00 [-1.00, -1.00]; cnn: undefined (constant)"
+    )
+    ok, text = gauge.verdict(_table(below, None), "nullity_w1", ["mlp"])
+    assert not ok and "given log #params —" in text
+    assert not gauge.verdict(_table(below, _corr(-0.2, -0.6, 0.3)), "nullity_w1", [])[0]
+    with pytest.raises(KeyError, match="no correlation of 'sum_nullity'.*valid: nullity_w1"):
+        gauge.verdict(_table(below, below), "sum_nullity", [])
+    both = gauge.verdicts(_table(below, below) + _table(below, None, "mu_over_n"), ["mlp"], ["nullity_w1", "mu_over_n"])
+    assert [ok for ok, _ in both.values()] == [True, False]
+    assert gauge.pooled_correlations(_table(below, None), "median_l2", ["nullity_w1"]) == {"nullity_w1": below}
+
+
+def test_imagenet_rule_and_claims() -> None:
+    below, above = _corr(-0.8, -0.95, -0.4), _corr(0.2, -0.3, 0.6)
+    assert gauge.imagenet_supports_h({"nu_over_n": below, "mu_over_n": below})
+    assert not gauge.imagenet_supports_h({"nu_over_n": below, "mu_over_n": above})
+    assert not gauge.imagenet_supports_h({})  # nothing measured supports nothing
+    rows = [_sweep_row("mlp", 8, 776), _sweep_row("mlp", 1024, 0)]
+    verdicts = {"nullity_w1": (True, "t1"), "sum_nullity": (False, "t2")}
+    claims = gauge.gauge_claims(rows, verdicts, None, imagenet_weights="random")
+    assert [c["id"] for c in claims] == [
+        "10.nullity_w1_width_sweep",
+        "10.gauge.nullity_w1",
+        "10.gauge.sum_nullity",
+        "10.gauge.imagenet",
+    ]
+    statuses = [c["status"] for c in claims]
+    assert statuses == [results.REPRODUCED, results.SUPPORTED, results.NOT_SUPPORTED, results.NOT_CHECKABLE]
+    assert all(results.Claim(**c) for c in claims) and claims[3]["ours"] is None
+    measured = gauge.gauge_claims(rows, {}, {"nu_over_n": above}, imagenet_weights="pretrained")
+    assert measured[-1]["status"] == results.NOT_SUPPORTED and measured[-1]["ours"].startswith("nu_over_n: +0.20")
+    broken = [{**rows[0], "svd_nullity_w1": 775}, rows[1]]
+    assert gauge.gauge_claims(broken, {}, None, "random")[0]["status"] == results.DIFFERS
+    assert gauge.w1_mismatches(broken) == [broken[0]]
+
+
+def _sweep_row(family: str, width: int, nullity: int, **extra) -> dict:
+    return {
+        "family": family,
+        "width": width,
+        "seed": 0,
+        "nullity_w1": nullity,
+        "expected_nullity_w1": nullity,
+        "svd_nullity_w1": nullity,
+        "nu": 1 + (nullity > 0),
+        "mu": 1 + (nullity > 0),
+        "median_l2": 1.0 + width / 1e3,
+        "fab_failures": 0,
+        **extra,
+    }
+
+
+def test_sweep_invariants_pass_and_fail() -> None:
+    good = [_sweep_row("mlp", 8, 776), _sweep_row("mlp", 128, 656), _sweep_row("mlp", 1024, 0)]
+    must_hold = gauge.sweep_invariants(good, ["mlp"], reload=False)
+    assert [ok for ok, _, _ in must_hold] == [True, True, True, True] and must_hold[1][2] == "776 → 0"
+    not_to_zero = gauge.sweep_invariants(good[:2], ["mlp"], reload=False)
+    assert not not_to_zero[1][0]
+    rising = [good[2], _sweep_row("mlp", 16, 900), good[0]]  # not decreasing with the width
+    assert not gauge.sweep_invariants([*rising[:1], *rising[1:]], ["mlp"], reload=False)[1][0]
+    odd = [*good[:2], {**good[2], "nu": 2, "median_l2": math.inf, "fab_failures": 3}]
+    oks = [ok for ok, _, _ in gauge.sweep_invariants(odd, ["mlp"], reload=False)]
+    assert oks == [True, True, False, False]  # nu != mu; FAB failed on more than half the digits
+    empty = gauge.sweep_invariants(good, ["cnn"], reload=False)[1]
+    assert not empty[0] and empty[2] == "no models"
+
+
+def test_tables_and_texts_of_the_chapter() -> None:
+    plan = gauge.plan_table({"mlp": (8, 1024), "cnn": (4, 32)})
+    assert plan == [
+        {"family": "mlp", "widths q": "8, 1024", "inputs p": 784, "nullity(W1) expected": "776, 0"},
+        {"family": "cnn", "widths q": "4, 32", "inputs p": 16, "nullity(W1) expected": "12, 0"},
+    ]
+    settings = gauge.QUICK_ATTACKS
+    configs = gauge.sweep_configs({"mlp": (8,)}, seeds=(0, 1), epochs=1, train_size=300)
+    text = gauge.describe_sweep(configs, (0, 1), 1, 300, settings)
+    assert text.startswith("2 models: 2 seed(s) each, 1 epoch(s) on 300 training digits")
+    labels = gauge.column_labels(settings)
+    assert labels[gauge.pgd_column(0.05)] == "PGD acc ε=0.05" and labels["nullity_w1"] == "nullity(W1)"
+    run = [_sweep_row("mlp", 8, 776, from_cache=True, attack_seconds=2.0)] * 2
+    assert gauge.describe_run(run) == "trained now: 0 of 2 models; attack time 4 s; FAB failures: 0"
+    rows = [_sweep_row("mlp", 8, 776), _sweep_row("mlp", 1024, 0)]
+    verdicts = {"nullity_w1": (False, "ρ = ...")}
+    pvo = gauge.paper_vs_ours(rows, verdicts, None)
+    assert [r["ours"] for r in pvo] == [
+        "2/2 models",
+        "does not support H: ρ = ...",
+        "not checkable with random weights",
+    ]
+    assert gauge.correlation_records({"mu_over_n": _corr(0.1, -0.2, 0.4)})[0]["metric"] == "μ/n"
+    assert gauge.imagenet_columns((0.01,))[-1] == gauge.pgd_column(0.01)
+    extra = gauge.results_extra(rows, [], settings, [], 1, None, (0,))
+    assert extra["rows"] == rows and extra["settings"]["eval_size"] == settings.eval_size and extra["seeds"] == [0]
+    with pytest.raises(ValueError, match="no 'cnn' rows"):
+        gauge.fab_step_check(rows, settings, 1, 300, family="cnn")
+
+
+def test_imagenet_rows_keep_pretrained_models_and_forget_each() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.Flatten(), nn.Linear(4 * 28 * 28, 10)).eval()
+    loaded = {
+        "a": SimpleNamespace(is_pretrained=True, model=net),
+        "b": SimpleNamespace(is_pretrained=False, model=net),
+    }
+    forgotten: list[str] = []
+    calls: list[str] = []
+
+    def fake_row(name, model, images, eps, steps, device):
+        calls.append(name)
+        return {"model": name, **{m: 1.0 for m in gauge.PAPER_METRICS}, gauge.pgd_column(eps[0]): 0.5}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gauge, "imagenet_row", fake_row)
+        got = gauge.imagenet_rows(loaded.__getitem__, ["a", "b"], ["cat"], (0.01,), 2, "cpu", forgotten.append)
+    assert calls == ["a"] and [r["model"] for r in got] == ["a"] and forgotten == ["a", "b"]
+    rows = [
+        {"model": m, **{k: float(i) for k in gauge.PAPER_METRICS}, gauge.pgd_column(0.01): -i}
+        for i, m in enumerate("abcd")
+    ]
+    corr = gauge.imagenet_correlations(rows, 0.01, n_boot=50)
+    assert set(corr) == set(gauge.PAPER_METRICS) and all(c.rho == pytest.approx(-1) for c in corr.values())
+
+
+def test_figures_return_figures() -> None:
+    import matplotlib.pyplot as plt
+
+    rows = [
+        {**_sweep_row(f, w, max(0, 49 - w)), "clean_acc": 0.9, "sum_nullity": 10, "nu_over_n": 0.5, "mu_over_n": 0.5}
+        for f in ("patch", "cnn")
+        for w in (4, 64)
+    ]
+    fig = gauge.plot_risk_vs_metrics(rows, gauge.PAPER_METRICS, "median_l2", None, "l2")
+    assert len(fig.axes) == 4
+    plt.close(fig)
+    fig = gauge.plot_confounders(rows, "median_l2")
+    assert len(fig.axes) == 3
+    plt.close(fig)

@@ -186,3 +186,19 @@ def test_table1_page_rows_pair_ours_with_the_paper() -> None:
     row = table1.page_rows([record])[0]
     assert row["ν"] == "7\u00a0/\u00a08" and row["Σ nullity"] == "16515 / 16547"
     assert row["why"] == "nu: trained weights / tolerance" and row["float32 ν / Σ / W1"] == "8 / 16518 / 299"
+
+
+def test_write_atomically_leaves_nothing_half_written(tmp_path: Path) -> None:
+    from helpers import runtime
+
+    target = tmp_path / "sub" / "a.txt"
+    runtime.write_atomically(target, lambda tmp: tmp.write_text("one"))
+    assert target.read_text() == "one"
+
+    def crash(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        runtime.write_atomically(target, crash)
+    assert target.read_text() == "one" and sorted(p.name for p in target.parent.iterdir()) == ["a.txt"]

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from helpers.data import photos
-from helpers.experiments import patch_composition
 from helpers.experiments import polytope as P
 
 from .conftest import needs_mnist
@@ -191,37 +190,6 @@ def test_vgg_fc6_split_and_search() -> None:
         P.split_vgg_fc6(nn.Linear(2, 2), lambda u: u)
 
 
-def test_patches_nearest_neighbours_and_composition() -> None:
-    image = torch.randint(0, 256, (3, 16, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    bank = patch_composition.extract_patches(image, 8, 4)
-    assert bank.shape == (3 * 5, 3, 8, 8)
-    tiles = patch_composition.grid_patches(image.float() / 255, 8)
-    assert tiles.shape == (6, 3, 8, 8)
-    idx, dist = patch_composition.nearest_patches(
-        tiles, bank, k=3, chunk=4
-    )  # chunks smaller than the bank: merging is exercised
-    brute = torch.cdist(tiles.flatten(1), bank.float().flatten(1) / 255)
-    assert torch.allclose(dist, brute.topk(3, largest=False).values, atol=1e-4)
-    assert dist[:, 0].max() < 1e-4  # every tile is itself a bank patch
-    comp = patch_composition.build_composition(image.float() / 255, bank, k=3, size=8)
-    theta = torch.zeros(2, *comp.param_shape)
-    theta[:, :, 0] = 50.0  # all weight on the nearest patch: the image itself
-    assert torch.allclose(comp.decode(theta)[0], image.float() / 255, atol=1e-4)
-    assert torch.allclose(comp.coefficients(theta).sum(2), torch.ones(2, 6, 8, 8))
-    with pytest.raises(ValueError, match="patch coefficients must be"):
-        comp.decode(torch.zeros(2, 6, 3, 8))
-    with pytest.raises(ValueError, match="multiples of the patch size"):
-        patch_composition.grid_patches(torch.zeros(3, 10, 8), 8)
-    with pytest.raises(ValueError, match="k must be between"):
-        patch_composition.nearest_patches(tiles, bank, k=100)
-    vertices = comp.decode(torch.randn(3, *comp.param_shape))
-    change = patch_composition.location_change(vertices, comp.grid, 8)
-    assert change.shape == (2, 3)
-    boxes = patch_composition.changed_boxes(vertices, comp.grid, 8, top=2)
-    i = int(change.flatten().argmax())
-    assert boxes[0] == (i // 3 * 8, i % 3 * 8, 8, 8) and len(boxes) == 2
-
-
 def test_sample_images() -> None:
     arr = photos.sample_image("camera")
     assert arr.shape == (512, 512, 3) and arr.dtype.name == "uint8"
@@ -260,9 +228,16 @@ def test_cli_random_weights(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_figure_and_sweep(split: P.ReluSplit, polytope: P.Polytopes) -> None:
     configs = [P.SearchConfig(steps=n, lr=0.05) for n in (5, 50)]
-    sweep = P.distance_sweep(split, TARGET, TARGET, configs, 2, progress=False)
+    start = torch.full_like(TARGET, 0.9)  # another start: distances from it and from the target must differ
+    sweep = P.distance_sweep(split, TARGET, start, configs, 2, progress=False)
     assert [r["steps"] for r in sweep] == [5, 50] and sweep[1]["vertex_distance"] >= sweep[0]["vertex_distance"]
-    assert sweep[0]["to_start"] == pytest.approx(sweep[0]["to_target"])
+    for r in sweep:
+        assert r["to_start"] == pytest.approx(float((r["vertices"][0] - start).flatten(1).norm(dim=1).mean()))
+        assert r["to_target"] == pytest.approx(float((r["vertices"][0] - TARGET).flatten(1).norm(dim=1).mean()))
+        assert abs(r["to_start"] - r["to_target"]) > 0.1  # a swap or a mix-up of the two would fail here
+    # 5 Adam steps of lr 0.05 (about 0.05 per pixel and step) leave the vertices nearer their start (0.9 everywhere)
+    # than the target (1.41 away from it)
+    assert sweep[0]["to_start"] < sweep[0]["to_target"]
     row = {
         "label": "x",
         "target": TARGET[0],
@@ -283,3 +258,228 @@ def test_measure_polytopes_rows(split: P.ReluSplit, polytope: P.Polytopes) -> No
     assert P.timing_row("tiny", polytope, "cpu")["vertices"] == 2
     with pytest.raises(ValueError, match="one target per polytope"):
         P.measure_polytopes(split, TARGET.repeat(2, 1, 1, 1), polytope, 10)
+
+
+# ---- chapter 08's study: two polytopes per target, rows, summaries, sweep, claims --------------------------------
+
+START = torch.full_like(TARGET, 0.9)
+IMAGES = torch.cat([START, TARGET, 1 - TARGET])  # dataset indices: 0 = another image, 1 = the target
+
+
+@pytest.fixture(scope="module")
+def two(split: P.ReluSplit) -> P.TwoStartPolytopes:
+    return P.search_two_starts(split, IMAGES, [1], [0], n_vertices=2, config=CONFIG, progress=False)
+
+
+def fake_row(**changes: object) -> dict:
+    """A ``two_start_rows`` row of a polytope that reproduces the paper (override fields to break it)."""
+    row = {
+        "same_class_pct": 100.0,
+        "target_prob": 1.0,
+        "sample_prob": 0.99999,
+        "image_distance": 10.0,
+        "vertex_distance": 1.25,
+        "ratio_pct": 12.5,
+        "vertex_eq_rel_max": 1e-4,
+        "vertex_ineq_max": -0.1,
+        "sample_act_rel_max": 1e-3,
+        "sample_pattern_min": 1.0,
+        "init": "target",
+        "target": 0,
+    }
+    return row | changes
+
+
+def test_two_start_search_rows_and_figure_rows(split: P.ReluSplit, two: P.TwoStartPolytopes) -> None:
+    assert two.n_targets == 1 and two.polys.n_polytopes == 2 and two.polys.vertices.shape == (2, 2, 1, 2, 3)
+    assert torch.equal(two.polys.starts, torch.cat([TARGET, START])) and torch.equal(two.paired_targets[1], TARGET[0])
+    # both searches reach the target's polytope: Proposition 1 holds at every vertex
+    pre = P.pre_activations(split, two.polys.vertices.flatten(0, 1))
+    res = P.prop1_residuals(pre, two.polys.target_pre.repeat_interleave(2, 0))
+    assert res["eq_rel"].max() < 2e-2 and res["ineq_max"].max() < 1e-3
+    far = two.from_other()
+    assert far["start_to_target"].item() == pytest.approx(float((START - TARGET).norm()))
+    assert far["to_start"].item() == pytest.approx(two.polys.distances_to(two.polys.starts)[1].item())
+    assert far["to_target"].item() == pytest.approx(two.polys.distances_to(two.paired_targets)[1].item())
+    assert bool(far["nearer_target"]) == (far["to_target"] < far["to_start"]).item()
+    reports = P.measure_polytopes(
+        split, two.paired_targets, two.polys, 20, torch.Generator().manual_seed(0), keep_samples=1, progress=False
+    )
+    rows = P.two_start_rows(reports, 2.0, two.target_ids)
+    assert [(r["init"], r["target"]) for r in rows] == [("target", 1), ("other image", 1)]
+    assert rows[1]["ratio_pct"] == pytest.approx(50 * reports[1]["vertex_distance"])
+    fig_rows = P.figure_rows(two.polys, reports, two.targets, [0, 1], ["a", "b"])
+    assert [r["label"] for r in fig_rows] == ["a", "b"] and torch.equal(fig_rows[1]["start"], START[0])
+    assert torch.equal(fig_rows[1]["target"], TARGET[0]) and fig_rows[1]["samples"].shape == (1, 1, 2, 3)
+    with pytest.raises(ValueError, match="one other image per target"):
+        P.search_two_starts(split, IMAGES, [1, 2], [0], progress=False)
+    with pytest.raises(ValueError, match="2 reports per target"):
+        P.two_start_rows(reports[:1], 2.0, [1])
+    with pytest.raises(ValueError, match="one label per polytope"):
+        P.figure_rows(two.polys, reports, two.targets, [0, 1], ["a"])
+
+
+def test_summarise_and_worst_case() -> None:
+    rows = [
+        fake_row(same_class_pct=100.0, vertex_distance=1.0, ratio_pct=10.0),
+        fake_row(same_class_pct=95.0, vertex_distance=3.0, ratio_pct=30.0, sample_act_rel_max=0.2, target=1),
+        fake_row(init="other image", sample_prob=0.5, target_prob=0.9, vertex_ineq_max=0.3),
+    ]
+    summary = P.summarise(rows, "target")
+    assert summary["target"] == "2 targets" and summary["init"] == "target"
+    assert summary["same_class_pct"] == 95.0 and summary["vertex_distance"] == 2.0 and summary["ratio_pct"] == 20.0
+    assert summary["sample_act_rel_max"] == 0.2 and summary["vertex_ineq_max"] == -0.1  # the other init left out
+    assert list(summary) == P.ROW_COLUMNS
+    worst = P.worst_case(rows)
+    assert worst["same_class_pct"] == 95.0 and worst["vertex_ineq_max"] == 0.3
+    assert worst["act_rel_max"] == 0.2 and worst["prob_gap"] == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="no rows with init 'nowhere'"):
+        P.summarise(rows, "nowhere")
+    with pytest.raises(ValueError, match="no rows"):
+        P.worst_case([])
+
+
+def test_annotated_sweep_summary_and_figures() -> None:
+    start, target = torch.zeros(1, 2, 2), torch.ones(1, 2, 2)
+    near_target = torch.full((2, 1, 2, 2), 0.75)  # 2 vertices, each 0.5 from the target and 1.5 from the start
+    near_start = torch.full((2, 1, 2, 2), 0.25)
+    sweep = [
+        {"lr": 0.1, "steps": 10, "vertex_distance": 1.0, "act_rel_max": 0.5, "vertices": torch.stack([near_start] * 2)},
+        {
+            "lr": 0.1,
+            "steps": 30,
+            "vertex_distance": 2.0,
+            "act_rel_max": 0.001,
+            "vertices": torch.stack([near_target] * 2),
+        },
+        {
+            "lr": 0.5,
+            "steps": 10,
+            "vertex_distance": 3.0,
+            "act_rel_max": 0.002,
+            "vertices": torch.stack([near_target] * 2),
+        },
+    ]
+    rows = P.annotate_sweep(sweep, 10.0, start, target)
+    assert "ratio_pct" not in sweep[0]  # the input rows are left alone
+    assert [r["ratio_pct"] for r in rows] == [10.0, 20.0, 30.0]
+    assert rows[0]["other_to_start"] == pytest.approx(0.5) and rows[0]["other_to_target"] == pytest.approx(1.5)
+    assert rows[1]["other_to_start"] == pytest.approx(1.5) and rows[1]["other_to_target"] == pytest.approx(0.5)
+    facts = P.sweep_summary(rows, act_tol=0.01)
+    assert facts["ratio_min"] == 10.0 and facts["ratio_max"] == 30.0 and facts["nearer_target"] == 2
+    assert facts["tight"]["steps"] == 30 and facts["tight"]["lr"] == 0.1  # the smallest ratio among the tight ones
+    assert P.sweep_summary(rows, act_tol=1e-4)["tight"] is None
+    with pytest.raises(ValueError, match="empty sweep"):
+        P.sweep_summary([], 0.01)
+    fig = P.sweep_figure(rows, (12, 13), 0.01)
+    assert len(fig.axes) == 2 and [len(ax.get_lines()) for ax in fig.axes] == [2, 3]  # 2 lrs (+ the tolerance line)
+    vertex_rows = P.sweep_vertex_rows(rows, target, start)
+    assert [r["label"] for r in vertex_rows] == ["lr 0.1, 10 steps", "lr 0.1, 30 steps", "lr 0.5, 10 steps"]
+    assert vertex_rows[0]["samples"].shape == (0, 1, 2, 2) and torch.equal(vertex_rows[1]["vertices"], near_target)
+
+
+def test_lenet_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers.models import train
+
+    canonical = train.CANONICAL["lenet5"]
+    monkeypatch.setattr(train, "cached_checkpoint", lambda name: None)
+    quick = P.lenet_recipe(True, "auto")
+    assert quick is not canonical and (quick.epochs, quick.train_size) == (1, 10_000) and quick.kind == "lenet5"
+    assert P.lenet_recipe(False, "auto") is canonical and P.lenet_recipe(True, "random") is canonical
+    monkeypatch.setattr(train, "cached_checkpoint", lambda name: "cached.pt")
+    assert P.lenet_recipe(True, "auto") is canonical
+
+
+def test_paper_vs_ours_tables() -> None:
+    from helpers.data import paper
+
+    t2 = paper.get("li", "table2")
+    row = P.paper_vs_ours("1", t2["rows"]["1"], t2["image_distance"], fake_row())
+    assert row["row"] == "1" and row["init"] == "target" and row["success %"] == "100 / 100.00"
+    assert row["image distance"] == "10.21 / 10.00" and row["ratio %"] == f"{100 * 1.33 / 10.21:.1f} / 12.5"
+    cell = P.side_by_side(
+        "4", {"success_pct": 100, "target_prob": 0.9, "sample_prob": 0.8, "vertex_distance": 50}, fake_row(), 500
+    )
+    assert cell["table"] == "4" and cell["ratio %"] == "10.0 / 12.5" and cell["vertex eq. residual"] == "— / 0.0001"
+    assert cell["target prob."] == "0.9 / 1.000" and cell["image distance"] == "500 / 10"
+    comparison = P.mnist_comparison(
+        paper.get("li"), [fake_row(), fake_row(same_class_pct=97.0)], [fake_row()], 0.98, 0.99, 10.0
+    )
+    by = {r["quantity"]: r for r in comparison}
+    assert by["samples in the target class (%), worst polytope"]["ours"] == 97.0
+    assert by["MLP test accuracy (%)"]["ours"] == pytest.approx(98.0) and by["MLP test accuracy (%)"]["paper"] == 96.64
+    assert by["vertex / image distance (%), rows 1 / 2"] == {
+        "quantity": "vertex / image distance (%), rows 1 / 2",
+        "paper": "12-13",
+        "ours": "12.5 / 12.5",
+    }
+
+
+def test_claim_status_passes_and_fails() -> None:
+    from helpers.book import results
+
+    assert P.claim_status(99.5, at_least=99.0) == results.REPRODUCED
+    assert P.claim_status(98.9, at_least=99.0) == results.DIFFERS
+    assert P.claim_status(0.01, at_most=0.01) == results.REPRODUCED
+    assert P.claim_status(0.02, at_most=0.01) == results.DIFFERS
+    assert P.claim_status(0, below=0.5) == results.REPRODUCED and P.claim_status(1, below=1) == results.DIFFERS
+    assert P.claim_status([12.0, 13.4], at_least=11.5, at_most=13.5) == results.REPRODUCED
+    assert P.claim_status([12.0, 42.3], at_least=11.5, at_most=13.5) == results.DIFFERS  # every value must pass
+    assert P.claim_status(float("nan"), at_least=0.0) == results.DIFFERS
+    assert P.claim_status(98.9, at_least=99.0, trained=False) == results.NOT_CHECKABLE
+    with pytest.raises(ValueError, match="give the criterion"):
+        P.claim_status(1.0)
+    with pytest.raises(ValueError, match="no measured value"):
+        P.claim_status([], at_least=0.0)
+
+
+def test_mnist_checks_pass_and_fail() -> None:
+    criteria = P.MnistCriteria()
+    good = P.worst_case([fake_row()])
+    checks = P.mnist_checks(good, 0.97, ineq_limit=0.05, criteria=criteria, n_samples=2000, trained=True)
+    assert [ok for ok, _, _ in checks] == [True] * 4
+    assert checks[0][1] == "MLP 2x256 test accuracy >= 96%"
+    assert checks[1][1] == "every MLP polytope: >= 99% of 2000 samples keep the target class"
+    bad = P.worst_case([fake_row(same_class_pct=90.0, sample_act_rel_max=0.5, vertex_ineq_max=0.2)])
+    assert [ok for ok, _, _ in P.mnist_checks(bad, 0.95, 0.05, criteria, 2000, trained=True)] == [False] * 4
+    untrained = P.mnist_checks(bad, 0.10, 0.05, criteria, 2000, trained=False)
+    assert len(untrained) == 2 and not any(ok for ok, _, _ in untrained)  # the weight-independent checks remain
+
+
+def mnist_claims(rows: list[dict], lenet_rows: list[dict], trained: bool = True, nearer_start: bool = False) -> dict:
+    from helpers.data import paper
+
+    row2 = {
+        "to_target": torch.tensor([8.0]),
+        "to_start": torch.tensor([4.0 if nearer_start else 10.0]),
+        "nearer_target": torch.tensor([not nearer_start]),
+    }
+    facts = {"ratio_min": 4.0, "ratio_max": 18.0, "tight": {"ratio_pct": 18.0}, "nearer_target": 1}
+    claims = P.mnist_claims(
+        paper.get("li"), rows, lenet_rows, 0.975, row2, facts, P.MNIST_CONFIG, P.MnistCriteria(), trained
+    )
+    return {c["id"]: c for c in claims}
+
+
+def test_mnist_claims_reproduced_differs_and_not_checkable() -> None:
+    from helpers.book import results
+
+    good = mnist_claims([fake_row(), fake_row(init="other image")], [fake_row(), fake_row()], nearer_start=True)
+    assert len(good) == 7 and all(c["status"] == results.REPRODUCED for c in good.values())
+    assert good["li.mnist.distance_ratio"]["reason"] == "" and good["li.mnist.distance_ratio"]["ours"] == "12.5 / 12.5"
+    assert good["li.mnist.accuracy"]["ours"] == 97.5 and good["li.mnist.accuracy"]["paper"] == 96.64
+    assert good["li.mnist.row2_appearance"]["ours"] == "mean distance to target 8.00, to start 4.00"
+    bad_rows = [fake_row(same_class_pct=98.0, ratio_pct=53.9, sample_prob=0.8), fake_row(sample_act_rel_max=0.02)]
+    bad = mnist_claims(bad_rows, [fake_row(same_class_pct=50.0)] * 2)
+    assert all(c["status"] == results.DIFFERS for k, c in bad.items() if k != "li.mnist.accuracy")
+    assert bad["li.mnist.distance_ratio"]["reason"].startswith("the distance is set by the optimiser (lr 0.2, 1000")
+    assert "sweep: 4-18%, the smallest with a tight collision 18%" in bad["li.mnist.distance_ratio"]["reason"]
+    assert (
+        bad["li.mnist.confidence"]["ours"] == 0.8
+        and "nearer the target than the start in 1 of 1" in (bad["li.mnist.row2_appearance"]["reason"])
+    )
+    assert bad["li.lenet5.same_class"]["reason"].startswith("some samples leave the target's class")
+    random = mnist_claims(bad_rows, [fake_row()] * 2, trained=False)
+    assert random["li.mnist.activation_match"]["status"] == results.DIFFERS  # decided for any weights
+    others = [c for k, c in random.items() if k != "li.mnist.activation_match"]
+    assert all(c["status"] == results.NOT_CHECKABLE and c["reason"] == P.RANDOM_WEIGHTS_REASON for c in others)

@@ -7,6 +7,7 @@ Naive: ``svdvals`` of every weight matrix one by one (float64 by default). Fast:
 Cholesky certificates with the SVD only where they cannot decide. Neither uses the audit cache. The load
 average is printed because a shared machine inflates both timings (the ratio is the number to quote).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,26 +35,44 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(sorted(models.REGISTRY))}")
     runtime.seed_everything(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"dtype {args.dtype}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+        f"dtype {args.dtype}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        flush=True,
+    )
     rows, disagreements = [], 0
     for name in args.models:
         model = models.load(name, args.weights, args.device).model  # type: ignore[arg-type]
         result = audit.compare_methods(model, dtype=audit.DTYPES[args.dtype], device=args.device)
         disagreements += len(result["disagree"])
-        rows.append({"model": name, "matrices": result["matrices"], "naive_s": round(result["reference_s"], 2),
-                     "fast_s": round(result["fast_s"], 2), "svds_fast": result["svds_fast"],
-                     "disagree": result["disagree"]})
-        print(f"{name:<38} {result['matrices']:>4} matrices  naive {result['reference_s']:8.1f} s  "
-              f"fast {result['fast_s']:6.1f} s  x{result['reference_s'] / max(result['fast_s'], 1e-9):6.1f}  "
-              f"fast SVDs {result['svds_fast']}  rank disagreements {len(result['disagree'])}", flush=True)
+        rows.append(
+            {
+                "model": name,
+                "matrices": result["matrices"],
+                "naive_s": round(result["reference_s"], 2),
+                "fast_s": round(result["fast_s"], 2),
+                "svds_fast": result["svds_fast"],
+                "disagree": result["disagree"],
+            }
+        )
+        print(
+            f"{name:<38} {result['matrices']:>4} matrices  naive {result['reference_s']:8.1f} s  "
+            f"fast {result['fast_s']:6.1f} s  x{result['reference_s'] / max(result['fast_s'], 1e-9):6.1f}  "
+            f"fast SVDs {result['svds_fast']}  rank disagreements {len(result['disagree'])}",
+            flush=True,
+        )
         del model
     naive, fast = sum(r["naive_s"] for r in rows), sum(r["fast_s"] for r in rows)
-    print(f"total: naive {naive:.1f} s, fast {fast:.1f} s, ratio {naive / max(fast, 1e-9):.1f}x; "
-          f"rank disagreements: {disagreements}; load average now {os.getloadavg()[0]:.1f}")
+    print(
+        f"total: naive {naive:.1f} s, fast {fast:.1f} s, ratio {naive / max(fast, 1e-9):.1f}x; "
+        f"rank disagreements: {disagreements}; load average now {os.getloadavg()[0]:.1f}"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"dtype": args.dtype, "device": args.device, "rows": rows,
-                                         "naive_s": naive, "fast_s": fast}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"dtype": args.dtype, "device": args.device, "rows": rows, "naive_s": naive, "fast_s": fast}, indent=1
+            )
+        )
     return 1 if disagreements else 0
 
 

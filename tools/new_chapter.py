@@ -4,6 +4,7 @@
 
 Every chapter starts from this skeleton so that the parameters and setup cells are the same everywhere.
 """
+
 from __future__ import annotations
 
 import sys
@@ -12,40 +13,47 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-REPO = "collisions-book/collisions-book"
+from helpers.book.pipeline import COLAB_INSTALL_CELL
 
-COLAB_CELL = '''import sys
-if "google.colab" in sys.modules:  # on Colab: install the book's helpers first (locally, `make` does it)
-    !pip install -q "collisions-book @ git+https://github.com/{repo}" && pip install -q --no-deps torchattacks==3.5.1'''
+REPO = "collisions-book/collisions-book"
 
 
 def skeleton(path: str, title: str, claim: str, plan: str, issue: str = "") -> nbformat.NotebookNode:
     name = Path(path).stem
-    badge = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-             f"(https://colab.research.google.com/github/{REPO}/blob/main/{path}.ipynb)")
-    params = new_code_cell('device = "auto"   # "auto" (cuda if available), "cpu", "cuda"\n'
-                           'weights = "auto"  # "auto", "pretrained" (fail if unavailable), "random"\n'
-                           "quick = False     # small sizes (tests)\n"
-                           "seed = 0")
+    badge = (
+        f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+        f"(https://colab.research.google.com/github/{REPO}/blob/main/{path}.ipynb)"
+    )
+    params = new_code_cell(
+        'device = "auto"   # "auto" (cuda if available), "cpu", "cuda"\n'
+        'weights = "auto"  # "auto", "pretrained" (fail if unavailable), "random"\n'
+        "quick = False     # small sizes (tests)\n"
+        "seed = 0"
+    )
     params.metadata["tags"] = ["parameters"]
     claims = new_code_cell(
         "checks = results.Checks()\n"
         f'ch.claim("{name}.planned", "chapter written", paper="—", ours=None, status=results.PENDING,\n'
         f'         reason="planned{f" ({issue})" if issue else ""}")\n'
         "ch.save()\n"
-        "checks.finish()")
+        "checks.finish()"
+    )
     claims.metadata["tags"] = ["claims"]
-    nb = new_notebook(cells=[
-        new_markdown_cell(f"# {title}\n\n{badge}"),
-        params,
-        new_code_cell(COLAB_CELL.format(repo=REPO)),
-        new_code_cell("from helpers import chapter, page, paper, results\n\n"
-                      f'ch = chapter.setup("{name}", device=device, weights=weights, quick=quick, seed=seed)'),
-        new_markdown_cell(f"## The claim\n\n{claim}"),
-        new_markdown_cell(f"## Plan\n\n{plan}"),
-        new_markdown_cell("## Claims\n\nThe cell below fails the build if a claim that must hold does not."),
-        claims,
-    ])
+    nb = new_notebook(
+        cells=[
+            new_markdown_cell(f"# {title}\n\n{badge}"),
+            params,
+            new_code_cell(COLAB_INSTALL_CELL),
+            new_code_cell(
+                "from helpers.book import chapter, page, results\nfrom helpers.data import paper\n\n"
+                f'ch = chapter.setup("{name}", device=device, weights=weights, quick=quick, seed=seed)'
+            ),
+            new_markdown_cell(f"## The claim\n\n{claim}"),
+            new_markdown_cell(f"## Plan\n\n{plan}"),
+            new_markdown_cell("## Claims\n\nThe cell below fails the build if a claim that must hold does not."),
+            claims,
+        ]
+    )
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     return nb

@@ -1,7 +1,7 @@
 """Build the book: execute chapters with papermill (content-hash cached), write the scoreboard, render.
 
     python -m helpers.book build               # execute changed chapters, scoreboard, jupyter-book (make build)
-    python -m helpers.book build --quick --device cpu --force   # (make test: chapters, book and results in _build/quick)
+    python -m helpers.book build --quick --device cpu --force   # make test: all of it in _build/quick
 
 Chapters are the notebooks listed in ``_toc.yml``. A chapter is re-executed only when its notebook, its
 parameters, the ``helpers`` package or the pinned requirements change.
@@ -188,6 +188,14 @@ COLAB_BADGE_URL = "https://colab.research.google.com/assets/colab-badge.svg"
 
 
 LOCAL_COLAB_BADGE = "/_static/colab-badge.svg"
+
+
+#: The second code cell of every chapter: on Colab, install the helpers package (its dependencies come from
+#: pyproject.toml) and the --no-deps pins of helpers/nodeps.txt. No version is written in a chapter.
+COLAB_INSTALL_CELL = """import sys
+
+if "google.colab" in sys.modules:  # on Colab: install the book's helpers (locally, `make env` does it)
+    !pip install -q "collisions-book @ git+https://github.com/collisions-book/collisions-book" && python -m helpers install-nodeps"""  # noqa: E501
 
 
 def page_role(cell: dict) -> str:

@@ -33,16 +33,13 @@ MAX_WIDTH_IN = 9.5
 
 
 def use_book_style() -> None:
-    plt.rcParams.update(STYLE)
+    plt.rcParams.update(STYLE)  # type: ignore[arg-type]
 
 
 def savefig(fig: plt.Figure, name: str) -> Path:
     """Save ``fig`` as ``figures/<name>.png`` (130 dpi, tight box) and return the path."""
     path = runtime.figures_dir() / f"{name}.png"
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
-    return path
+    return runtime.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def figure_html(png: bytes, name: str, caption: str) -> str:

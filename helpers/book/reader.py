@@ -1,7 +1,8 @@
 """The reader's test: open every page of the rendered book in headless Chromium and list what a reader would see broken.
 
-Checks per page: the chapter's figures are there, loaded and drawn at a readable size, no broken image, no raw markdown table, no echoed
-``PosixPath(...)``, no traceback, no unrendered math, nothing sticking out of the content column. One full-page
+Checks per page: the chapter's figures are there, loaded and drawn at a readable size, no broken image, no raw
+markdown table, no echoed ``PosixPath(...)``, no traceback, no unrendered math, nothing sticking out of the
+content column. One full-page
 screenshot per page goes to the screenshots folder with ``report.json`` (page heights and problems).
 
     python -m helpers.book.reader _build/html --results results --screenshots _build/screenshots
@@ -77,7 +78,8 @@ EXCLUDED_NAMES = {"genindex.html", "search.html"}
 EXCLUDED_DIRS = {"_static", "_sources", "_images"}
 
 
-# `|---|`, `| --- |`, `|:--|`, and Sphinx's smart dashes `|—|`, `|–|`, anywhere in a line (a table in a <p> is one line).
+# `|---|`, `| --- |`, `|:--|`, and Sphinx's smart dashes `|—|`, `|–|`, anywhere in a line (a table in a <p> is
+# one line).
 TABLE_SEPARATOR = re.compile(r"\|[ \t]*(?::-+|:?-{3,}|:?[-—–]*[—–][-—–]*):?[ \t]*\|")
 
 
@@ -100,7 +102,7 @@ class Problem:
 
 
 def find_browser() -> tuple[str, str] | None:
-    """(chromium, chromedriver) paths: env ``CHROMIUM``/``CHROMEDRIVER``, else found on PATH; None if either is absent."""
+    """(chromium, chromedriver) paths: env ``CHROMIUM``/``CHROMEDRIVER``, else on PATH; None if either is absent."""
     chromium = os.environ.get("CHROMIUM") or next(
         (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
     )
@@ -170,8 +172,13 @@ const col = document.querySelector('article.bd-article') || document.querySelect
 const box = col.getBoundingClientRect();
 const sticks = r => r.width > 0 && (r.right > box.right + tol || r.left < box.left - tol);
 const label = (el, r) => ({tag: el.tagName.toLowerCase(), cls: el.getAttribute('class') || '', id: el.id || '',
-  width: Math.round(r.width), text: (el.innerText || el.closest('mjx-container')?.textContent || el.textContent || '').trim().replace(/\\s+/g, ' ').slice(0, 60)});
-const report = (el, r) => { out.overflowTotal++; if (out.overflow.length < maxReports) out.overflow.push(label(el, r)); };
+  width: Math.round(r.width),
+  text: (el.innerText || el.closest('mjx-container')?.textContent || el.textContent || '').trim()
+    .replace(/\\s+/g, ' ').slice(0, 60)});
+const report = (el, r) => {
+  out.overflowTotal++;
+  if (out.overflow.length < maxReports) out.overflow.push(label(el, r));
+};
 const walk = node => {
   for (const ch of node.childNodes) {
     if (ch.nodeType === Node.TEXT_NODE && ch.textContent.trim()) {

@@ -92,10 +92,7 @@ def save(
         "extra": _jsonable(extra or {}),
     }
     path = runtime.results_dir() / f"{chapter}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
-    return path
+    return runtime.write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
 
 
 def load_all(folder: Path | None = None) -> list[dict[str, Any]]:

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""MNIST through torchvision, read from ``COLLISIONS_DATA`` (the folder holding ``MNIST/raw``).
+
+Offline builds set it to ``../shared/data``; without it ``~/.cache/collisions-book/data`` is used and
+torchvision downloads MNIST there when a network is available.
+"""
 
 from __future__ import annotations
 

@@ -1,29 +1,23 @@
-"""Data: MNIST through torchvision, sample natural images shipped with scikit-image, ImageNet preprocessing.
+"""Natural images: the scikit-image samples the book uses (offline), files and URLs, ImageNet-style resizing.
 
-MNIST's root comes from the ``COLLISIONS_DATA`` environment variable (the folder holding ``MNIST/raw``);
-offline builds set it to ``../shared/data``. Without it, ``~/.cache/collisions-book/data`` is used and
-torchvision downloads MNIST there when a network is available.
+Every function returns pixels (unnormalised, in [0, 1] as float or 0..255 as uint8); normalisation for a
+model lives in :mod:`helpers.data.normalization`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import numpy as np
-import torch
-from torch import Tensor
-
-if TYPE_CHECKING:
-    pass
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
+from torch import Tensor
 
 from helpers import runtime
 
-#: scikit-image sample images used as the patch "dataset" and for the image-to-image distance (no download).
-PATCH_SOURCES: tuple[str, ...] = (
+#: The natural images the book uses, all shipped inside scikit-image (no download), by scikit-image's names.
+SAMPLE_IMAGES: tuple[str, ...] = (
     "astronaut",
     "chelsea",
     "coffee",
@@ -42,19 +36,24 @@ PATCH_SOURCES: tuple[str, ...] = (
     "motorcycle_left",
     "motorcycle_right",
 )
+#: Friendlier names accepted wherever a sample name is.
+ALIASES: dict[str, str] = {"cat": "chelsea", "motorcycle": "motorcycle_left"}
+#: Li et al.'s patch "dataset" for the VGG16 study: every sample image.
+PATCH_SOURCES: tuple[str, ...] = SAMPLE_IMAGES
 
 
 def sample_image(name: str) -> np.ndarray:
-    """A scikit-image sample image as (H, W, 3) uint8 (grey images repeated to 3 channels)."""
+    """A scikit-image sample image (``SAMPLE_IMAGES`` or ``ALIASES``) as (H, W, 3) uint8 (grey repeated to 3)."""
     import skimage.data
 
+    name = ALIASES.get(name, name)
     if name.startswith("motorcycle_"):
         left, right, _ = skimage.data.stereo_motorcycle()
         arr = left if name.endswith("left") else right
-    elif name in PATCH_SOURCES:
+    elif name in SAMPLE_IMAGES:
         arr = getattr(skimage.data, name)()
     else:
-        raise ValueError(f"unknown sample image {name!r}; valid: {', '.join(PATCH_SOURCES)}")
+        raise ValueError(f"unknown sample image {name!r}; valid: {', '.join((*SAMPLE_IMAGES, *ALIASES))}")
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
@@ -75,23 +74,11 @@ def sample_pixels(name: str, size: int = 224) -> Tensor:
     return imagenet_pixels(Image.fromarray(sample_image(name)), size)[0]
 
 
-#: Natural images shipped inside scikit-image (no download needed), name -> skimage.data function.
-SAMPLE_IMAGES: dict[str, str] = {
-    "astronaut": "astronaut",
-    "cat": "chelsea",
-    "coffee": "coffee",
-    "rocket": "rocket",
-    "motorcycle": "stereo_motorcycle",
-}
-
-
 def load_image(name_or_path: str | Path) -> Image.Image:
-    """An RGB PIL image: a sample name (see ``SAMPLE_IMAGES``), a local path, or an http(s) URL."""
+    """An RGB PIL image: a sample name (``SAMPLE_IMAGES``, ``ALIASES``), a local path, or an http(s) URL."""
     key = str(name_or_path)
-    if key in SAMPLE_IMAGES:
-        import skimage.data
-
-        return Image.fromarray(np.asarray(getattr(skimage.data, SAMPLE_IMAGES[key])())).convert("RGB")
+    if key in SAMPLE_IMAGES or key in ALIASES:
+        return Image.fromarray(sample_image(key)).convert("RGB")
     if key.startswith(("http://", "https://")):
         target = runtime.cache_dir() / "images" / Path(key.split("?")[0]).name
         if not target.exists():
@@ -102,7 +89,7 @@ def load_image(name_or_path: str | Path) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(
             f"image {str(path)!r} not found; give an existing file, an http(s) URL, "
-            f"or a sample name: {', '.join(SAMPLE_IMAGES)}"
+            f"or a sample name: {', '.join((*SAMPLE_IMAGES, *ALIASES))}"
         )
     return Image.open(path).convert("RGB")
 

@@ -1,0 +1,1 @@
+"""The experiments, one module per result: audits, collisions, attacks, polytopes, the gauge, implications."""

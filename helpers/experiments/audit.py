@@ -401,10 +401,7 @@ def _read_cache(key: str) -> ModelAudit | None:
 
 
 def _write_cache(key: str, audit: ModelAudit) -> None:
-    path = _cache_path(key)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(audit.to_json()))
-    tmp.replace(path)
+    runtime.write_atomically(_cache_path(key), lambda tmp: tmp.write_text(json.dumps(audit.to_json())))
 
 
 def audit_registry_model(

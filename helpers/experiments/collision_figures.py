@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""How a collision is shown: figures (images side by side, spectra, beta grids) and the rows of its tables.
+
+Inputs are in model space (see :mod:`helpers.data.normalization`); ``mean``/``std`` convert to pixels for display.
+"""
 
 from __future__ import annotations
 
@@ -84,15 +87,6 @@ def segmentation_figure(
     return fig
 
 
-def topk_markdown(rows: dict[str, list[tuple[str, float]]]) -> str:
-    """A markdown table with one column per image: 'class (p)' for each rank."""
-    heads = list(rows)
-    lines = ["| rank | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
-    for r in range(len(next(iter(rows.values())))):
-        lines.append(f"| {r + 1} | " + " | ".join(f"{rows[h][r][0]} ({rows[h][r][1]:.3g})" for h in heads) + " |")
-    return "\n".join(lines)
-
-
 def collision_figure(
     x: torch.Tensor,
     x_hat: torch.Tensor,
@@ -108,16 +102,20 @@ def collision_figure(
     return plotting.image_grid([px, stretched, px_hat], titles, ncols=3, size=3.0)
 
 
-def residual_rows(
+def residual_table(
     results: dict[str, dict[str, Any]],
     keys: Sequence[str] = ("first_layer_rel", "output_rel", "same_argmax", "input_rel"),
-) -> str:
-    """A markdown table: one row per construction/model, one column per residual key."""
-    lines = ["| case | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, res in results.items():
-        cells = [f"{res[k]:.3g}" if isinstance(res[k], float) else str(res[k]) for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+) -> list[dict[str, Any]]:
+    """Rows for ``page.table``: one per construction/model (``case``), one column per residual key."""
+    return [{"case": name, **{k: res[k] for k in keys}} for name, res in results.items()]
+
+
+def top_k_table(columns: dict[str, list[tuple[str, float]]]) -> list[dict[str, Any]]:
+    """Rows for ``page.table``: one per rank, one column per image with 'class (probability)'."""
+    depth = len(next(iter(columns.values())))
+    return [
+        {"rank": r + 1, **{h: f"{top[r][0]} ({top[r][1]:.3g})" for h, top in columns.items()}} for r in range(depth)
+    ]
 
 
 def spectrum_figure(
@@ -162,3 +160,23 @@ def beta_grid(
             images.append(pixels_of(x_hat, mean, std)[0].cpu())
             titles.append(f"phi_{i}, beta={beta:g}")
     return plotting.image_grid(images, titles, ncols=len(betas), size=2.0, cmap=cmap)
+
+
+def window_leak_figure(window_residual: torch.Tensor) -> plt.Figure:
+    """Heat map of ``||W1 window|| / (||W1|| ||window||)`` per output position, (H', W') -> one panel."""
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    im = ax.imshow(window_residual.numpy(), cmap="magma")
+    ax.set_title("||W1 window|| / (||W1|| ||window||) per output position")
+    ax.grid(False)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return fig
+
+
+def mask_comparison_figure(masks: torch.Tensor, titles: Sequence[str]) -> plt.Figure:
+    """Predicted segmentation masks (N, H, W) class indices (< 20 shown distinctly), side by side with titles."""
+    fig, axes = plt.subplots(1, len(masks), figsize=(3 * len(masks), 3.2))
+    for ax, m, t in zip(np.atleast_1d(axes), masks, titles):
+        ax.imshow(np.asarray(m), cmap="tab20", vmin=0, vmax=20)
+        ax.set_title(t)
+        ax.axis("off")
+    return fig

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -140,15 +141,23 @@ def pair_figure(
     return fig
 
 
+def gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes (alphas in (0, 1)) and weights (summing to 1) of an n-point rule on [0, 1]."""
+    x, w = np.polynomial.legendre.leggauss(n)
+    return 0.5 * (1 + x), 0.5 * w
+
+
 def path_gradient(
     model: nn.Module, image: torch.Tensor, target: int, baseline: float = 0.0, n_steps: int = 32
 ) -> torch.Tensor:
-    """The path-integrated gradient G with IG = (x - baseline) * G, using captum's Gauss-Legendre nodes and
-    weights (the same quadrature ``integrated_gradients`` uses). image (1, C, H, W) -> (1, C, H, W)."""
-    from captum.attr._utils.approximation_methods import approximation_parameters
+    """The path-integrated gradient G with IG = (x - baseline) * G, image (1, C, H, W) -> (1, C, H, W).
 
-    step_sizes, alphas = approximation_parameters("gausslegendre")
-    a = torch.tensor(alphas(n_steps), dtype=image.dtype, device=image.device).view(-1, 1, 1, 1)
-    w = torch.tensor(step_sizes(n_steps), dtype=image.dtype, device=image.device).view(-1, 1, 1, 1)
+    The quadrature is Gauss-Legendre on [0, 1] with ``n_steps`` nodes: the nodes and weights captum's
+    ``IntegratedGradients`` uses by default (``method="gausslegendre"``), computed with numpy here because
+    captum keeps them in a private module (tests/test_explain_similarity.py checks the two agree).
+    """
+    nodes, weights = gauss_legendre(n_steps)
+    a = torch.tensor(nodes, dtype=image.dtype, device=image.device).view(-1, 1, 1, 1)
+    w = torch.tensor(weights, dtype=image.dtype, device=image.device).view(-1, 1, 1, 1)
     path = baseline + a * (image - baseline)
     return (saliency(model, path, target) * w).sum(0, keepdim=True)

@@ -1,7 +1,5 @@
-"""Figures, tables and the interactive explorer of the null-space chapters (02-05).
-
-Inputs are in model space (see ``helpers.nullspace``); ``std`` converts to pixel space for display.
-"""
+"""The interactive null-space explorer (ipywidgets): move beta, the kernel vector and the region, watch the
+first layer's output stay put. Inputs are in model space (see :mod:`helpers.data.normalization`)."""
 
 from __future__ import annotations
 
@@ -12,10 +10,11 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
+from helpers.book import page
 from helpers.experiments import collisions
-from helpers.experiments.collision_figures import collision_figure, topk_markdown
+from helpers.experiments.collision_figures import collision_figure, top_k_table
 from helpers.linalg import kernels
-from helpers.models.forward import topk
+from helpers.models.forward import top_k, top_k_labels
 
 
 def interactive(
@@ -56,13 +55,13 @@ def interactive(
         region = (rows.value[0], cols.value[0], rows.value[1], cols.value[1]) if grid else None
         x_hat = collisions.null_space_search(x, layer, basis.vectors[index.value], beta.value, region)
         res = collisions.collision_residuals(model, x, x_hat, layer)
-        top = topk(model, torch.cat([x, x_hat]), names)
+        top = top_k_labels(*top_k(model, torch.cat([x, x_hat])), names)
         with out:
             clear_output(wait=True)
             fig = collision_figure(x, x_hat, ["original", "perturbation", "colliding"], mean=mean, std=std)
             plt.show()
             print(f"first-layer rel change {res['first_layer_rel']:.2e}, output rel change {res['output_rel']:.2e}")
-            print(topk_markdown({"original": top[0], "colliding": top[1]}))
+            page.table(top_k_table({"original": top[0], "colliding": top[1]}))
             plt.close(fig)
 
     for w in (beta, index, rows, cols):

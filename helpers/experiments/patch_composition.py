@@ -1,19 +1,24 @@
-"""TODO docstring."""
+"""Li et al.'s patch composition (their Sec. 4): images made of real image patches, searched over mixing weights.
+
+A patch bank (``patch_bank``: every size x size window of some sample images, uint8 (P, 3, s, s)) is searched
+exactly for the k nearest patches of each tile of a starting image (``nearest_patches``, ``build_composition``).
+A ``PatchComposition`` maps softmax logits θ (B, L, k, s, s) to images: at every pixel of every tile a convex
+mixture of the tile's k candidates. ``helpers.experiments.polytope.find_polytopes`` searches over θ with
+``decode=composition.decode``; ``changed_boxes`` marks where a polytope's vertices differ (Li et al.'s Table 5).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    pass
-
 from helpers.data.photos import resized_pixels, sample_image
+from helpers.experiments import polytope
 
 
 def extract_patches(image: Tensor, size: int, stride: int) -> Tensor:
@@ -119,3 +124,98 @@ def location_change(vertices: Tensor, grid: tuple[int, int], size: int) -> Tenso
     V, C, H, W = centred.shape
     tiles = centred.view(V, C, grid[0], size, grid[1], size).permute(0, 2, 4, 1, 3, 5).flatten(3)
     return tiles.norm(dim=3).mean(0)
+
+
+@torch.no_grad()
+def retrieval_is_exact(
+    image: Tensor, bank: Tensor, composition: PatchComposition, size: int, n_tiles: int = 1, atol: float = 1e-3
+) -> bool:
+    """Check ``composition``'s chunked k-NN against a brute-force search over the whole bank.
+
+    image (C, H, W) in [0, 1], the image ``composition`` was built from; bank (P, C, s, s) uint8 or float in
+    [0, 1]. For the first ``n_tiles`` tiles, the k smallest distances over all of the bank (one ``torch.cdist``)
+    must equal ``composition.distances`` within ``atol`` ([0, 1] pixel units, l2).
+    """
+    tiles = grid_patches(image, size)[:n_tiles].flatten(1)
+    k = composition.candidates.shape[1]
+    brute = torch.cdist(tiles, _unit_float(bank).flatten(1)).topk(k, largest=False).values
+    return bool(torch.allclose(brute, composition.distances[:n_tiles], atol=atol))
+
+
+def figure_rows(
+    polys: polytope.Polytopes,
+    reports: Sequence[dict[str, Any]],
+    targets: Tensor,
+    labels: Sequence[str],
+    grid: tuple[int, int],
+    size: int,
+) -> list[dict[str, Any]]:
+    """``polytope.polytope_figure`` rows for the first ``len(labels)`` patch-composed polytopes, each with the
+    ``boxes`` of the 3 tiles where its vertices differ most (Li et al.'s Table 5 indicator).
+
+    targets (T, C, H, W): polytope k's target is ``targets[k % T]``; ``polys.starts`` are the decoded starting
+    images (the even mix); grid (rows, cols) of tiles of ``size`` pixels.
+    """
+    rows = polytope.figure_rows(polys, reports, targets, range(len(labels)), labels)
+    return [dict(row, boxes=changed_boxes(row["vertices"], grid, size)) for row in rows]
+
+
+def vgg_claims(
+    theirs: dict[str, Any],
+    pixel_row: dict[str, Any],
+    patch_rows: Sequence[dict[str, Any]],
+    trained: bool,
+    reason: str,
+    n_images: int,
+    n_patches: int,
+    same_class_pct: float = 99.0,
+) -> list[dict[str, Any]]:
+    """Chapter 09's claims, as keyword arguments of ``Chapter.claim`` (id, description, paper, ours, status, reason).
+
+    theirs: ``helpers.data.paper.get("li")`` (sections table4, table6, imagenet); pixel_row: ``polytope.table_row``
+    of the pixel polytope (Table 4); patch_rows: those of the patch-composed polytopes (Table 6, rows 1-2);
+    trained: whether VGG-16 has its pretrained weights (the claims are ``NOT_CHECKABLE`` otherwise); reason: why
+    the numbers are not comparable ("" when they are); n_images: images behind our image distance; n_patches:
+    size of the patch bank; same_class_pct: share of samples (%) that must keep the target's class.
+    Criteria: class retention >= ``same_class_pct``; the samples' mean probability at least the low end of the
+    paper's range; the vertex / image distance ratio inside the paper's range.
+    """
+    t4 = theirs["table4"]["rows"]["1"]
+    lo, hi = theirs["imagenet"]["sample_prob_range"]
+    rlo, rhi = theirs["imagenet"]["vertex_to_image_distance_ratio_pct"]
+    patch_same = min(r["same_class_pct"] for r in patch_rows)
+    then = reason + "; " if reason else ""
+    return [
+        {
+            "id": "li.vgg16.same_class",
+            "description": "fc6 polytope (Table 4): samples classified as the target (%)",
+            "paper": t4["success_pct"],
+            "ours": round(pixel_row["same_class_pct"], 2),
+            "status": polytope.claim_status(pixel_row["same_class_pct"], at_least=same_class_pct, trained=trained),
+            "reason": reason,
+        },
+        {
+            "id": "li.vgg16.confidence",
+            "description": "fc6 polytope: mean top-class probability of the samples",
+            "paper": f"{t4['sample_prob']} (range {lo}-{hi})",
+            "ours": round(pixel_row["sample_prob"], 4),
+            "status": polytope.claim_status(pixel_row["sample_prob"], at_least=lo, trained=trained),
+            "reason": reason,
+        },
+        {
+            "id": "li.vgg16.distance_ratio",
+            "description": "fc6 polytope: vertex distance / image distance (%)",
+            "paper": f"{rlo}-{rhi}",
+            "ours": round(pixel_row["ratio_pct"], 2),
+            "status": polytope.claim_status(pixel_row["ratio_pct"], at_least=rlo, at_most=rhi, trained=trained),
+            "reason": then + f"image distance from {n_images} sample images, not ImageNet",
+        },
+        {
+            "id": "li.patches.same_class",
+            "description": "patch-composed polytopes (Table 6): samples classified as the target (%), worst row",
+            "paper": min(theirs["table6"]["rows"][k]["success_pct"] for k in ("1", "2")),
+            "ours": round(patch_same, 2),
+            "status": polytope.claim_status(patch_same, at_least=same_class_pct, trained=trained),
+            "reason": then + f"{n_patches:,} patches from sample images, exact k-NN",
+        },
+    ]

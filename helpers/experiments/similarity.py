@@ -12,7 +12,7 @@ Images: (N, C, H, W); pixel metrics assume data range 1 (pixels in [0, 1]) unles
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,7 +31,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     _same_shape(a, b)
-    return structural_similarity_index_measure(a.float(), b.float(), data_range=data_range, reduction="none")
+    values = structural_similarity_index_measure(a.float(), b.float(), data_range=data_range, reduction="none")
+    assert isinstance(values, torch.Tensor)  # a tuple only with return_full_image=True
+    return values
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -88,7 +90,7 @@ def feature_distance(
     return total
 
 
-def lpips_metric(net: str = "alex"):
+def lpips_metric(net: Literal["vgg", "alex", "squeeze"] = "alex") -> Any:
     """torchmetrics' LPIPS when its backbone weights can be had, else None (offline); never downloads when
     the network is unavailable."""
     from helpers import runtime

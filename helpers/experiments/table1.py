@@ -1,29 +1,58 @@
-"""TODO docstring."""
+"""The Table 1 study of Ozbulak et al.: which constructor each row is, the audit of every row, its figures.
+
+The numbers come from :mod:`helpers.experiments.audit` (the matrix rule and the rank rule); this module decides
+which constructor each Table 1 row names (:func:`candidates`, :func:`check_row`, :class:`RowCheck`), audits the
+chosen ones (:func:`audit_rows`), turns the audits into the chapter's tables, claims and checks, and draws its
+figures (each ``plot_*`` returns a ``matplotlib`` figure; the chapter shows it).
+
+All counts are numbers of weight matrices (``n``, ``nu``, ``mu``) or of input dimensions (nullities); every
+matrix is ``rows x cols = outputs x inputs``.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
 from torch import nn
 
+from helpers.book import results
 from helpers.experiments.audit import (
     ConvTransposeRule,
     ModelAudit,
+    WeightMatrix,
+    audit_model,
     build_on_meta,
+    first_executed,
+    naive_with_spectra,
     structural_audit,
+    sweep,
+    weight_matrices,
 )
+from helpers.linalg import rank_rule
 from helpers.progress import progress_bar
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from helpers.models.registry import LoadedModel
 
 
 def implied_n(count: int, percent: int) -> set[int]:
     """Every ``n`` for which ``count / n``, truncated to a whole percent, prints as ``percent``.
 
     Table 1 truncates (AlexNet's mu/n = 7/8 = 87.5% is printed 87%; ResNet-50's 36/54 = 66.7% as 66%).
+    An empty set means no ``n`` prints so. ``count`` must be at least 1: 0 of any ``n`` prints 0%, so a zero
+    count says nothing about ``n``.
     """
-    return {n for n in range(max(count, 1), 100 * count + 2) if math.floor(100 * count / n + 1e-9) == percent}
+    if count < 1:
+        raise ValueError(f"count must be >= 1 (0 matrices are 0% of every n), got {count}")
+    return {n for n in range(count, 100 * count + 2) if math.floor(100 * count / n + 1e-9) == percent}
 
 
 @dataclass
@@ -46,10 +75,12 @@ class RowCheck:
 
     @property
     def n_fits(self) -> bool:
+        """The constructor's ``n`` is one the printed percentages allow."""
         return self.n in self.n_implied
 
     @property
     def mu_fits(self) -> bool:
+        """The constructor's ``mu`` (wide matrices, a shape fact) equals the paper's."""
         return self.mu == self.mu_paper
 
     @property
@@ -66,6 +97,7 @@ class RowCheck:
 
     @property
     def fits(self) -> bool:
+        """``n`` and ``mu`` fit and no paper number is impossible for these shapes."""
         return self.n_fits and self.mu_fits and not self.impossible
 
     @property
@@ -207,3 +239,540 @@ def page_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+#: The Table 1 models a quick build audits (one per task family, all small); the first two are the test set.
+QUICK_MODELS: tuple[str, ...] = (
+    "squeezenet1_1",
+    "deit_tiny_patch16_224",
+    "lraspp_mobilenet_v3_large",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+)
+
+
+#: The models of the full build's naive-vs-fast test set beyond the quick ones.
+EXTRA_TEST_MODELS: tuple[str, ...] = ("resnet50", "densenet121")
+
+
+#: The tasks of Table 1, in the order the paper lists them.
+TASKS: tuple[str, ...] = ("classification", "segmentation", "localization")
+
+
+def constructors(rows: Mapping[str, Any]) -> dict[str, str]:
+    """The constructor audited for each Table 1 row (the registry's choice, ``candidates(row)[0]``)."""
+    return {row: candidates(row)[0] for row in rows}
+
+
+def rows_to_audit(rows: Mapping[str, Any], quick: bool) -> list[str]:
+    """Table 1 rows the chapter audits: every row, or (``quick``) those whose constructor is in QUICK_MODELS."""
+    chosen = constructors(rows)
+    return [r for r in rows if chosen[r] in QUICK_MODELS] if quick else list(rows)
+
+
+def naive_test_models(quick: bool) -> list[str]:
+    """Models of the naive-vs-fast comparison and the tolerance sweep: two small ones (quick) or six."""
+    return list(QUICK_MODELS[:2]) if quick else [*QUICK_MODELS, *EXTRA_TEST_MODELS]
+
+
+def matrix_rule_example() -> nn.Sequential:
+    """A tiny model with one layer of each kind the matrix rule treats differently: a grouped conv
+    (8 -> 6 channels, 2 groups, 3x3), a transposed conv (6 -> 4, 2x2, stride 2) and a linear layer (10 -> 3)."""
+    return nn.Sequential(
+        nn.Conv2d(8, 6, 3, groups=2),
+        nn.ConvTranspose2d(6, 4, 2, stride=2),
+        nn.Flatten(),
+        nn.Linear(10, 3),
+    )
+
+
+def matrix_rule_table(model: nn.Module) -> list[dict[str, Any]]:
+    """One record per weight matrix of ``model`` under the default rule (``skip``), then the transposed
+    convolutions again under ``operator``: stored shape, matrix shape (rows x cols), kind, structural nullity."""
+    return [
+        {
+            "rule": rule,
+            "name": m.name,
+            "stored": m.stored_shape,
+            "matrix": m.shape,
+            "kind": m.kind,
+            "structural nullity": m.structural_nullity,
+        }
+        for rule in ("skip", "operator")
+        for m in weight_matrices(model, conv_transpose=rule)
+        if rule == "skip" or m.kind == "conv_transpose"
+    ]
+
+
+def w1_order_row(name: str, model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+    """W1 of ``model`` (the first matrix in registration order) against the first weight layer that
+    ``model(example)`` runs; ``same`` when they are one layer."""
+    first = first_executed(model, example)
+    w1 = weight_matrices(model)[0]
+    return {
+        "model": name,
+        "W1 (registration order)": w1.name,
+        "first executed": first,
+        "same": w1.name.rsplit(".", 1)[0] == first,
+    }
+
+
+def w1_order_evidence(names: Sequence[str], input_size: int = 224) -> list[dict[str, Any]]:
+    """:func:`w1_order_row` for registry models on a zero image (1, 3, ``input_size``, ``input_size``).
+
+    The models are built with uninitialised weights (shapes and the forward order are all that matter)."""
+    example = torch.zeros(1, 3, input_size, input_size)
+    return [w1_order_row(n, build_on_meta(n).to_empty(device="cpu").eval(), example) for n in names]
+
+
+def skipped_table(audit: ModelAudit) -> list[dict[str, Any]]:
+    """The parameters the audit did not count as weight matrices: name, shape, why."""
+    return [{"parameter": n, "shape": s, "why not a weight matrix": why} for n, s, why in audit.skipped]
+
+
+def fit_table(checks: Sequence[RowCheck]) -> list[dict[str, Any]]:
+    """One record per (row, constructor) check: n, the n the percentages allow, mu ours/paper, whether the
+    constructor fits and which paper numbers these shapes make impossible."""
+    return [
+        {
+            "row": c.row,
+            "constructor": c.model,
+            "n": c.n,
+            "n implied": c.n_implied,
+            "mu (ours/paper)": f"{c.mu}/{c.mu_paper}",
+            "fits": "yes" if c.fits else "no",
+            "impossible paper numbers": "; ".join(c.impossible),
+        }
+        for c in checks
+    ]
+
+
+#: The only Table 1 rows whose models have a transposed convolution.
+CONV_TRANSPOSE_ROWS: tuple[str, ...] = ("Mask R-CNN", "Keypoint R-CNN")
+
+
+def conv_transpose_table(
+    row_checks: Mapping[str, Sequence[RowCheck]],
+    chosen: Mapping[str, str],
+    rows: Collection[str] = CONV_TRANSPOSE_ROWS,
+) -> list[dict[str, Any]]:
+    """How each conv-transpose rule (keys of ``row_checks``, from :func:`check_all_rows`) fits ``rows``, for the
+    chosen constructor of each row (``chosen``: row -> registry name)."""
+    return [
+        {
+            "conv-transpose rule": rule,
+            "row": c.row,
+            "n": c.n,
+            "n implied": c.n_implied,
+            "mu (ours/paper)": f"{c.mu}/{c.mu_paper}",
+            "fits": c.fits,
+            "impossible": "; ".join(c.impossible),
+        }
+        for rule, checks in row_checks.items()
+        for c in checks
+        if c.row in rows and c.model == chosen[c.row]
+    ]
+
+
+def frozen_layers_table(
+    model: nn.Module, trainable: tuple[str, ...] = ("layer2", "layer3", "layer4"), body: str = "backbone.body"
+) -> list[dict[str, Any]]:
+    """Structural audits of a detection model whose backbone is frozen as torchvision freezes it when built with
+    pretrained weights: every parameter of the submodule ``body`` outside the ``trainable`` prefixes gets
+    ``requires_grad=False`` (``model`` is changed in place). One record counting every matrix
+    (``trainable_only=False``), one counting only the trainable ones (``True``): n, mu, W1 and its shape."""
+    for pname, p in model.get_submodule(body).named_parameters():
+        if not pname.startswith(trainable):
+            p.requires_grad_(False)
+    out = []
+    for only in (False, True):
+        a = structural_audit(model, trainable_only=only)
+        out.append(
+            {
+                "trainable_only": only,
+                "n": a.n,
+                "mu": a.mu,
+                "W1": a.w1_name,
+                "W1 shape": a.w1_shape,
+                "structural nullity(W1)": a.structural_nullity_w1,
+            }
+        )
+    return out
+
+
+@dataclass
+class Table1Audits:
+    """The audits of the chapter's rows (keyed by Table 1 row): float64 and float32 ``ModelAudit``s, the loaded
+    models (``LoadedModel``, whose ``model`` is dropped for the big ones), the seconds both audits took (wall
+    clock) and W1 of each model (a copy of the matrix, rows x cols)."""
+
+    audits64: dict[str, ModelAudit] = field(default_factory=dict)
+    audits32: dict[str, ModelAudit] = field(default_factory=dict)
+    loaded: dict[str, LoadedModel] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    w1s: dict[str, WeightMatrix] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[str]:
+        """The audited Table 1 rows, in audit order."""
+        return list(self.audits64)
+
+    @property
+    def pretrained(self) -> dict[str, bool]:
+        """Row -> whether its model runs with pretrained weights."""
+        return {row: loaded.is_pretrained for row, loaded in self.loaded.items()}
+
+    @property
+    def weights_caption(self) -> str:
+        """The weights phrase of a figure caption: every model's, or the first one's when they are many."""
+        caps = sorted({loaded.caption() for loaded in self.loaded.values()})
+        return "; ".join(caps) if len(caps) < 3 else caps[0] + " (and the others alike)"
+
+
+def audit_rows(
+    load: Callable[[str], LoadedModel],
+    rows: Sequence[str],
+    chosen: Mapping[str, str],
+    device: torch.device | str | None = None,
+    keep: Collection[str] = QUICK_MODELS,
+) -> Table1Audits:
+    """Load (``load``: registry name -> LoadedModel, the chapter's weights policy) and audit the constructor of
+    every row in float64 and float32 (``audit_model``'s default rule, ranks on ``device``, cached by weights).
+
+    Models not in ``keep`` are dropped after the audit (their ``LoadedModel.model`` set to None) to keep memory
+    low; W1 is copied first."""
+    out = Table1Audits()
+    for row in rows:
+        name = chosen[row]
+        loaded = load(name)
+        out.loaded[row] = loaded
+        start = time.perf_counter()
+        out.audits64[row] = audit_model(loaded.model, dtype=torch.float64, device=device)
+        out.audits32[row] = audit_model(loaded.model, dtype=torch.float32, device=device)
+        out.seconds[row] = time.perf_counter() - start
+        for a in (out.audits64[row], out.audits32[row]):
+            a.model, a.weights = name, loaded.weights
+        out.w1s[row] = weight_matrices(loaded.model)[0]
+        out.w1s[row].matrix = out.w1s[row].matrix.clone()
+        if name not in keep:
+            loaded.model = None  # type: ignore[assignment]
+    return out
+
+
+def chosen_checks(checks: Sequence[RowCheck], chosen: Mapping[str, str]) -> dict[str, RowCheck]:
+    """Row -> the check of the row's chosen constructor (``chosen``: row -> registry name)."""
+    return {c.row: c for c in checks if c.model == chosen[c.row]}
+
+
+def results_table(
+    audits: Table1Audits, paper_rows: Mapping[str, dict[str, Any]], checks: Mapping[str, RowCheck]
+) -> list[dict[str, Any]]:
+    """Paper vs ours for every audited row (:func:`table_row` in float64) with the float32 ``nu``, sum and W1
+    nullity (``nu f32``, ``sum f32``, ``W1 f32``) and the weights used."""
+    pretrained = audits.pretrained
+    return [
+        {
+            **table_row(row, paper_rows[row], audits.audits64[row], checks[row], pretrained[row]),
+            "nu f32": audits.audits32[row].nu,
+            "sum f32": audits.audits32[row].sum_nullity,
+            "W1 f32": audits.audits32[row].nullity_w1,
+            "weights": audits.loaded[row].weights,
+        }
+        for row in audits.rows
+    ]
+
+
+def plot_w1_spectra(audits: Table1Audits) -> Figure:
+    """One panel per audited row: W1's singular values divided by the largest (log scale), with the float64 and
+    float32 default rank tolerances ``max(rows, cols) * eps`` (dashed); titles give W1's shape and nullity."""
+    import matplotlib.pyplot as plt
+
+    rows = audits.rows
+    n_plots = len(rows)
+    cols = 4 if n_plots > 4 else n_plots
+    n_lines = (n_plots + cols - 1) // cols
+    fig, axes = plt.subplots(n_lines, cols, figsize=(2.8 * cols, 2.4 * n_lines), squeeze=False)
+    for ax in axes.flat[n_plots:]:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows):
+        w1 = audits.w1s[row]
+        sigma = rank_rule.reference_rank(w1.matrix)[1].cpu().numpy()
+        ax.semilogy(sigma / sigma[0], ".", ms=2)
+        for dt, color in ((torch.float64, "C3"), (torch.float32, "C1")):
+            ax.axhline(rank_rule.default_rtol(w1.shape, dt), color=color, lw=0.8, ls="--", label=f"tol {str(dt)[6:]}")
+        ax.set_title(f"{row}: {w1.shape[0]}x{w1.shape[1]}, nullity {audits.audits64[row].nullity_w1}", fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].set_ylabel("sigma_i / sigma_max")
+    fig.tight_layout()
+    return fig
+
+
+def plot_by_task(audits: Table1Audits, paper_rows: Mapping[str, dict[str, Any]]) -> Figure:
+    """nullity(W1) (top) and nu/n (bottom) per audited row, grouped by task: the paper's (trained weights) next
+    to ours in float64 and float32."""
+    import matplotlib.pyplot as plt
+
+    rows = audits.rows
+    tasks = [paper_rows[r]["task"] for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (TASKS.index(tasks[i]), i))
+    labels = [rows[i] for i in order]
+    x = np.arange(len(labels))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, 0.55 * len(labels) + 2), 6.2), sharex=True)
+    for ax, key, paper_key, title in (
+        (ax1, "nullity_w1", "nullity_W1", "nullity(W1)"),
+        (ax2, "nu_over_n", None, "nu / n"),
+    ):
+        paper_vals = [paper_rows[r][paper_key] if paper_key else paper_rows[r]["nu_over_n_pct"] / 100 for r in labels]
+        ax.bar(x - 0.27, paper_vals, 0.27, label="paper (trained)", color="0.6")
+        ax.bar(x, [getattr(audits.audits64[r], key) for r in labels], 0.27, label="ours, float64", color="C0")
+        ax.bar(x + 0.27, [getattr(audits.audits32[r], key) for r in labels], 0.27, label="ours, float32", color="C1")
+        ax.set_ylabel(title)
+    for t in sorted(set(tasks), key=TASKS.index):
+        span = [k for k, r in enumerate(labels) if paper_rows[r]["task"] == t]
+        ax1.annotate(t, (np.mean(span), 1.02), xycoords=("data", "axes fraction"), ha="center", fontsize=8)
+        if span[0] > 0:
+            for ax in (ax1, ax2):
+                ax.axvline(span[0] - 0.5, color="k", lw=0.6)
+    ax2.set_xticks(x, labels, rotation=60, ha="right")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+#: Relative tolerances of the tolerance sweep: 61 values from 1e-16 to 1e-1, evenly spaced in log.
+SWEEP_RTOLS = np.logspace(-16, -1, 61)
+
+
+def naive_vs_fast(
+    load: Callable[[str], LoadedModel],
+    names: Sequence[str],
+    rtols: Sequence[float] | np.ndarray = SWEEP_RTOLS,
+    device: torch.device | str | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[int]]]]:
+    """For each model (``load``: registry name -> LoadedModel): the naive audit (``svdvals`` one by one) against
+    the fast one (uncached), and, from the naive audit's singular values, ``nu`` and the sum of nullities at each
+    relative tolerance in ``rtols``.
+
+    Returns (one benchmark record per model: matrices, seconds of each path, their ratio, SVDs the fast path
+    still ran, rank disagreements; model -> {"nu": [...], "sum_nullity": [...]}, one entry per tolerance)."""
+    bench, sweeps = [], {}
+    for name in names:
+        loaded = load(name)
+        naive_ranks, sig, naive_s = naive_with_spectra(loaded.model, device=device)
+        start = time.perf_counter()
+        fast = audit_model(loaded.model, device=device, cache=False)
+        fast_s = time.perf_counter() - start
+        disagree = [r.name for r in fast.rows if r.rank != naive_ranks[r.name]]
+        bench.append(
+            {
+                "model": name,
+                "matrices": fast.n,
+                "naive s": round(naive_s, 2),
+                "fast s": round(fast_s, 2),
+                "ratio": round(naive_s / fast_s, 1),
+                "SVDs left to the fast path": fast.summary()["svds"],
+                "rank disagreements": len(disagree),
+            }
+        )
+        sweeps[name] = sweep(sig, {r.name: (r.rows, r.cols) for r in fast.rows}, list(rtols))
+    return bench, sweeps
+
+
+def bench_totals(bench: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Totals of :func:`naive_vs_fast`'s records: seconds of each path, their ratio, matrices, disagreements."""
+    naive, fast = sum(b["naive s"] for b in bench), sum(b["fast s"] for b in bench)
+    return {
+        "naive s": naive,
+        "fast s": fast,
+        "ratio": naive / fast,
+        "matrices": sum(b["matrices"] for b in bench),
+        "disagreements": sum(b["rank disagreements"] for b in bench),
+    }
+
+
+def plot_tolerance_sweep(rtols: Sequence[float] | np.ndarray, sweeps: Mapping[str, dict[str, list[int]]]) -> Figure:
+    """``nu`` (left) and the sum of nullities (right) against the relative tolerance, one line per model; the
+    shaded bands are 100 to 5000 times eps of float64 (red) and float32 (orange), where the defaults
+    ``max(rows, cols) * eps`` of the audited layers lie."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, s in sweeps.items():
+        ax1.semilogx(rtols, s["nu"], label=name)
+        ax2.loglog(rtols, s["sum_nullity"], label=name)
+    for ax, what in ((ax1, "nu"), (ax2, "sum of nullities")):
+        ax.axvspan(2e-16 * 100, 2e-16 * 5000, color="C3", alpha=0.1)
+        ax.axvspan(1.2e-7 * 100, 1.2e-7 * 5000, color="C1", alpha=0.1)
+        ax.set_xlabel("rtol")
+        ax.set_ylabel(what)
+    ax1.legend(fontsize=7)
+    ax1.set_title("shaded: default rtol = max(m,n) eps, float64 (red) / float32 (orange)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def with_spectrum(rows: int, cols: int, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A float64 ``rows x cols`` matrix whose singular values are exactly ``sigma`` (``min(rows, cols)`` values):
+    ``U diag(sigma) V^T`` with random orthogonal factors drawn from ``generator`` (two draws, U first)."""
+    p = min(rows, cols)
+    if sigma.shape != (p,):
+        raise ValueError(f"sigma must have min(rows, cols) = {p} values, got shape {tuple(sigma.shape)}")
+    u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=generator, dtype=torch.float64))
+    return u[:, :p] @ torch.diag(sigma.to(torch.float64)) @ v[:, :p].T
+
+
+def near_threshold_check(
+    seed: int = 0,
+    shapes: Sequence[tuple[int, int]] = ((32, 75), (128, 32), (96, 96)),
+    factors: Sequence[float] = (0.1, 0.5, 1.0, 2.0, 10.0, 1e4),
+) -> list[dict[str, Any]]:
+    """The fast rank path against the reference on matrices built to be hard: for float64 then float32, each shape
+    and each factor, singular values from 1 down to 0.1 with the smallest three set to ``factor`` times the
+    default relative tolerance. One record per dtype: matrices, how many the fast path certified, disagreements."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for dt in (torch.float64, torch.float32):
+        mats = []
+        for rows, cols in shapes:
+            for factor in factors:
+                sigma = torch.linspace(1.0, 0.1, min(rows, cols), dtype=torch.float64)
+                sigma[-3:] = factor * rank_rule.default_rtol((rows, cols), dt)
+                mats.append(with_spectrum(rows, cols, sigma, gen).to(dt))
+        fast = rank_rule.matrix_ranks(mats, dtype=dt, method="fast")
+        ref = rank_rule.matrix_ranks(mats, dtype=dt, method="reference")
+        out.append(
+            {
+                "dtype": str(dt)[6:],
+                "matrices": len(mats),
+                "certified": sum(f.method != "svd" for f in fast),
+                "disagreements": sum(f.rank != r.rank for f, r in zip(fast, ref)),
+            }
+        )
+    return out
+
+
+def shape_verdict(check: RowCheck) -> tuple[bool, str]:
+    """Is the row's shape claim (``n`` and ``mu``) reproduced, and if not, why (the ``n`` mismatch first)."""
+    if check.n_fits and check.mu_fits:
+        return True, ""
+    if not check.n_fits:
+        return False, f"percentages imply n in {check.n_implied}, {check.model} has {check.n}"
+    return False, f"mu {check.mu} vs {check.mu_paper}"
+
+
+def nullity_verdict(
+    check: RowCheck, ours64: ModelAudit, ours32: ModelAudit, paper_row: Mapping[str, Any], pretrained: bool
+) -> tuple[str, str]:
+    """(status, reason) of the row's nullity claim (``nu``, sum of nullities, nullity(W1)).
+
+    A paper number these shapes make impossible differs whatever the weights; otherwise, with pretrained weights,
+    the claim is reproduced when the float64 or the float32 audit gives all three paper numbers and differs if
+    neither does; with random weights it is not checkable (the shapes' lower bounds are reported)."""
+    if check.impossible:
+        return results.DIFFERS, "impossible for these shapes: " + "; ".join(check.impossible)
+    if not pretrained:
+        return results.NOT_CHECKABLE, (
+            f"shapes force nu>={check.structural_nu}, sum>={check.structural_sum}, "
+            f"W1>={check.structural_w1}: consistent with the paper"
+        )
+    paper_numbers = (paper_row["nu"], paper_row["sum_nullity"], paper_row["nullity_W1"])
+    same = (ours64.nu, ours64.sum_nullity, ours64.nullity_w1) == paper_numbers
+    same32 = (ours32.nu, ours32.sum_nullity, ours32.nullity_w1) == paper_numbers
+    if same:
+        return results.REPRODUCED, ""
+    if same32:
+        return results.REPRODUCED, "matches in float32"
+    return results.DIFFERS, "trained checkpoint / tolerance differ (see sweep)"
+
+
+def row_claims(
+    audits: Table1Audits, paper_rows: Mapping[str, dict[str, Any]], checks: Mapping[str, RowCheck]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Two claims per audited row, as keyword arguments of ``Chapter.claim``: ``01.<row>.shape`` (n and mu, from
+    the shapes, :func:`shape_verdict`) and ``01.<row>.nullities`` (:func:`nullity_verdict`); and one summary record
+    per row for the page."""
+    claims, summary = [], []
+    for row in audits.rows:
+        a, a32, c, p = audits.audits64[row], audits.audits32[row], checks[row], paper_rows[row]
+        shape_ok, shape_reason = shape_verdict(c)
+        status, reason = nullity_verdict(c, a, a32, p, audits.pretrained[row])
+        claims.append(
+            {
+                "id": f"01.{row}.shape",
+                "description": f"{row}: n and mu ({a.model})",
+                "paper": f"n={c.n_implied}, mu={c.mu_paper}",
+                "ours": f"n={a.n}, mu={a.mu}",
+                "status": results.REPRODUCED if shape_ok else results.DIFFERS,
+                "weights": "shapes",
+                "reason": shape_reason,
+            }
+        )
+        claims.append(
+            {
+                "id": f"01.{row}.nullities",
+                "description": f"{row}: nu, sum of nullities, nullity(W1)",
+                "paper": f"nu={p['nu']}, sum={p['sum_nullity']}, W1={p['nullity_W1']}",
+                "ours": f"nu={a.nu}, sum={a.sum_nullity}, W1={a.nullity_w1} "
+                f"(float32: {a32.nu}/{a32.sum_nullity}/{a32.nullity_w1})",
+                "status": status,
+                "weights": audits.loaded[row].weights,
+                "reason": reason,
+            }
+        )
+        summary.append(
+            {
+                "row": row,
+                "constructor": a.model,
+                "shape claim": "reproduced" if shape_ok else "differs",
+                "nullity claim": status,
+                "reason": shape_reason or reason,
+            }
+        )
+    return claims, summary
+
+
+def audit_invariants(audits: Table1Audits, checks: Mapping[str, RowCheck]) -> list[tuple[bool, str, Any]]:
+    """The must-hold checks of every audited row as ``(ok, what, measured)``: the audit's ``n`` and ``mu`` equal
+    the shapes' (``checks``), every nullity (float64 and float32) lies in ``[0, cols]``, and every float64
+    nullity is at least ``cols - rows``."""
+    out: list[tuple[bool, str, Any]] = []
+    for row in audits.rows:
+        a, c = audits.audits64[row], checks[row]
+        bad = [r.name for aa in (a, audits.audits32[row]) for r in aa.rows if not 0 <= r.nullity <= r.cols]
+        out += [
+            (
+                a.n == c.n and a.mu == c.mu,
+                f"{row}: n and mu of the audit equal what the shapes force",
+                f"n={a.n}, mu={a.mu}",
+            ),
+            (not bad, f"{row}: every nullity in [0, cols]", bad or "all"),
+            (all(r.nullity >= r.structural_nullity for r in a.rows), f"{row}: every nullity >= cols - rows", "ok"),
+        ]
+    return out
+
+
+def rank_path_checks(
+    totals: Mapping[str, Any], near_threshold: Sequence[Mapping[str, Any]]
+) -> list[tuple[bool, str, Any]]:
+    """The must-hold checks of the two rank paths as ``(ok, what, measured)``: no rank disagreement on the test
+    set (``totals`` from :func:`bench_totals`) nor on the near-threshold matrices (:func:`near_threshold_check`)."""
+    edge = sum(r["disagreements"] for r in near_threshold)
+    return [
+        (
+            totals["disagreements"] == 0,
+            "fast == reference rank on every test-set matrix",
+            f"{totals['disagreements']} disagreements over {totals['matrices']} matrices",
+        ),
+        (edge == 0, "fast == reference on the near-threshold matrices (float64 and float32)", edge),
+    ]
+
+
+def classifier_models(paper_rows: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Registry names of the Table 1 classification rows (``paper_rows``: row -> paper numbers), in table order."""
+    from helpers.models import registry
+
+    return [
+        registry.TABLE1_ROWS[r]
+        for r, v in paper_rows.items()
+        if v["task"] == "classification" and r in registry.TABLE1_ROWS
+    ]

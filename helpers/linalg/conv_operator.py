@@ -1,4 +1,11 @@
-"""TODO docstring."""
+"""A first convolution as a linear operator on whole images (size, stride and padding included).
+
+The paper's matrix rule looks at one patch; an image is many overlapping patches. Here: the operator's exact
+null space on small images (``dense_operator`` / ``operator_null_space``), its spectrum from the 2-D DFT of the
+polyphase components (``polyphase_spectrum``, circular boundary), near-null modes at the zero-padded border
+(``boundary_near_null``), how a tiled patch vector leaks through overlapping windows (``window_stats``), and the
+whole-input exact null directions that a first layer admits (``exact_null_directions``).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.linalg.kernels import _check_layer, kernel_basis, weight_matrix
+from helpers.linalg.kernels import UnsupportedLayerError, _check_layer, kernel_basis, weight_matrix
 
 
 def _conv_input_shape(layer: nn.Conv2d, input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -23,7 +30,15 @@ def _conv_input_shape(layer: nn.Conv2d, input_shape: Sequence[int]) -> tuple[int
             f"input_shape {tuple(input_shape)} does not fit {layer}: expected (C, H, W) or "
             f"(1, C, H, W) with C = {layer.in_channels}"
         )
-    return shape  # type: ignore[return-value]
+    return shape[0], shape[1], shape[2]
+
+
+def geometry(layer: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(kernel, stride, padding) of a 2-D convolution as (height, width) pairs of ints."""
+    if isinstance(layer.padding, str):
+        raise UnsupportedLayerError(f"padding={layer.padding!r} is not supported; valid: explicit integer padding")
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    return (kh, kw), (sh, sw), (ph, pw)
 
 
 def conv_apply(layer: nn.Conv2d, delta: torch.Tensor) -> torch.Tensor:
@@ -164,7 +179,7 @@ def polyphase_spectrum(layer: nn.Conv2d, input_shape: Sequence[int]) -> Polyphas
     """
     _check_layer(layer)
     c, h, w = _conv_input_shape(layer, input_shape)
-    (sh, sw), (kh, kw), (ph, pw) = layer.stride, layer.kernel_size, layer.padding  # type: ignore[misc]
+    (kh, kw), (sh, sw), (ph, pw) = geometry(layer)
     if layer.groups != 1 or h % sh or w % sw:
         raise ValueError(
             f"polyphase_spectrum needs groups=1 and H, W divisible by the stride {(sh, sw)}; "
@@ -203,7 +218,7 @@ def plane_wave(v: torch.Tensor, freq: tuple[int, int], spectrum: PolyphaseSpectr
 
 def circular_conv_apply(layer: nn.Conv2d, delta: torch.Tensor) -> torch.Tensor:
     """The conv with circular (wrap-around) padding, the boundary condition of ``polyphase_spectrum``."""
-    ph, pw = layer.padding  # type: ignore[misc]
+    _, _, (ph, pw) = geometry(layer)
     padded = F.pad(delta, (pw, pw, ph, ph), mode="circular") if (ph or pw) else delta
     w = layer.weight.detach().to(delta.dtype).to(delta.device)
     return F.conv2d(padded, w, None, layer.stride, 0, layer.dilation, layer.groups)
@@ -228,7 +243,7 @@ def boundary_near_null(
     full image, ascending; images (k, C, H, W) unit norm). Each gain bounds sigma_min of the full operator.
     """
     c, h, w = _conv_input_shape(layer, input_shape)
-    (kh, kw), (sh, sw) = layer.kernel_size, layer.stride  # type: ignore[misc]
+    (kh, kw), (sh, sw), _ = geometry(layer)
     m_h, m_w = min(crop, h), min(crop, w)
     canvas_h = min(h, m_h + kh + (h - m_h - kh) % sh) if h > m_h + kh else h
     canvas_w = min(w, m_w + kw + (w - m_w - kw) % sw) if w > m_w + kw else w
@@ -255,7 +270,8 @@ def window_stats(layer: nn.Conv2d, p: torch.Tensor, phi: torch.Tensor) -> dict[s
     Returns ``exact_fraction`` (windows whose content is beta*phi for some beta, incl. 0), and
     ``window_residual`` (H', W') = ||W1 window|| / (||W1||_2 ||window||), the per-window leak.
     """
-    cols = F.unfold(p.double().unsqueeze(0), layer.kernel_size, layer.dilation, layer.padding, layer.stride)[0]
+    kernel, stride, padding = geometry(layer)
+    cols = F.unfold(p.double().unsqueeze(0), kernel, layer.dilation, padding, stride)[0]
     cols = cols.T  # (L, C*kh*kw)
     w = weight_matrix(layer).cpu()
     u = phi.double().flatten() / phi.double().norm()
@@ -269,7 +285,7 @@ def window_stats(layer: nn.Conv2d, p: torch.Tensor, phi: torch.Tensor) -> dict[s
 
 def _out_hw(layer: nn.Conv2d, shape: Sequence[int]) -> tuple[int, int]:
     h, w = shape[-2:]
-    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding  # type: ignore[misc]
+    (kh, kw), (sh, sw), (ph, pw) = geometry(layer)
     return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
 
 
@@ -280,7 +296,7 @@ def periodic_patch_matrix(layer: nn.Conv2d) -> torch.Tensor:
     only if phi repeats with the stride inside the kernel; such phi live in a C*sh*sw dimensional space, and
     ``W1 phi = 0`` there iff this matrix has a kernel (it is M(omega = 0) of the polyphase spectrum).
     """
-    (kh, kw), (sh, sw) = layer.kernel_size, layer.stride  # type: ignore[misc]
+    (kh, kw), (sh, sw), _ = geometry(layer)
     a = F.one_hot(torch.arange(kh) % sh, sh).double()
     b = F.one_hot(torch.arange(kw) % sw, sw).double()
     w = layer.weight.detach().cpu().double()
@@ -295,10 +311,10 @@ def exact_null_directions(layer: nn.Module, input_shape: Sequence[int]) -> torch
     (small images only; may be empty, e.g. ResNet-50's conv1). Model space, float64.
     """
     _check_layer(layer)
-    if isinstance(layer, nn.Linear):
+    if not isinstance(layer, nn.Conv2d):
         return kernel_basis(layer).vectors.reshape(-1, *input_shape)
     c, h, w = _conv_input_shape(layer, input_shape)
-    k, s, p = tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.padding)
+    k, s, p = geometry(layer)
     if k == s and p == (0, 0) and h % k[0] == 0 and w % k[1] == 0 and layer.groups == 1:
         basis = kernel_basis(layer).vectors
         rows, cols = h // k[0], w // k[1]

@@ -1,4 +1,14 @@
-"""TODO docstring."""
+"""Kernel bases of a first layer: ker(W1) by the paper's matrix rule, its near-null space, and in pixel space.
+
+The matrix rule
+---------------
+``nn.Linear``: ``W1`` is ``out x in``. ``nn.Conv2d`` (also timm/torchvision patch embeddings): ``W1`` is
+``out x (in/groups * kh * kw)``, the weight reshaped, acting on one unfolded patch. ``ker(W1)`` is computed by an
+SVD in float64 with the book's rank rule (:mod:`helpers.linalg.rank_rule`) at the precision the weights are
+stored in; its vectors are returned in patch shape ``(in/groups, kh, kw)`` (``KernelBasis``).
+``PixelKernel`` / ``pixel_kernel`` give the same kernel for a model that takes pixels (``PixelSpace``).
+The convolution as an operator on whole images is :mod:`helpers.linalg.conv_operator`.
+"""
 
 from __future__ import annotations
 
@@ -68,6 +78,11 @@ class KernelBasis:
         coefficients = coefficients.to(self.vectors.dtype)
         return (coefficients @ self.flat()).reshape(*coefficients.shape[:-1], *self.patch_shape)
 
+    def random_vectors(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n unit-norm random combinations of the basis: (n, *patch_shape) float64, e.g. one per patch."""
+        vectors = self.combine(torch.randn(n, self.vectors.shape[0], generator=generator, dtype=torch.float64))
+        return vectors / vectors.flatten(1).norm(dim=1).view(-1, *([1] * len(self.patch_shape)))
+
     def random_vector(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """A unit-norm random combination of the basis (patch_shape)."""
         c = torch.randn(self.vectors.shape[0], generator=generator, dtype=torch.float64)
@@ -105,15 +120,22 @@ def _check_layer(layer: nn.Module) -> None:
         )
 
 
+def layer_weight(layer: nn.Module) -> torch.Tensor:
+    """The ``weight`` parameter of a Linear/Conv2d layer, as stored (a tensor, shape and dtype unchanged)."""
+    _check_layer(layer)
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
 def weight_matrix(layer: nn.Module, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """W1 by the matrix rule: Linear (out, in); Conv2d (out, in/groups * kh * kw)."""
-    _check_layer(layer)
-    w = layer.weight.detach().to(dtype)
+    w = layer_weight(layer).detach().to(dtype)
     return w.reshape(w.shape[0], -1)
 
 
 def _patch_shape(layer: nn.Module) -> tuple[int, ...]:
-    return tuple(layer.weight.shape[1:])
+    return tuple(layer_weight(layer).shape[1:])
 
 
 def _svd(layer: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,7 +146,7 @@ def _svd(layer: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
 
 def layer_rtol(layer: nn.Module) -> float:
     """The book's rank rule (:func:`rank_rule.default_rtol`) at the precision the weights are *stored* in."""
-    w = layer.weight
+    w = layer_weight(layer)
     return rank_rule.default_rtol((w.shape[0], int(math.prod(w.shape[1:]))), w.dtype)
 
 
@@ -147,7 +169,7 @@ def kernel_basis(
     if vectors.shape[0] == 0:
         m, n = w.shape
         raise TrivialKernelError(
-            f"layer {label!r} has a trivial kernel: W1 is {m} x {n} (weight {tuple(layer.weight.shape)}) with "
+            f"layer {label!r} has a trivial kernel: W1 is {m} x {n} (weight {tuple(layer_weight(layer).shape)}) with "
             f"rank {rank} = its column count, so nullity(W1) = 0 at rtol={rtol:.2g} (sigma_min/sigma_max = "
             f"{float(s.min() / s.max()):.3g}). No exact null-space search exists there. Instead: use the "
             f"near-null space (near_null_basis: the smallest right singular vectors; the output then changes by "
@@ -159,7 +181,7 @@ def kernel_basis(
         s,
         tol,
         label,
-        tuple(layer.weight.shape),
+        tuple(layer_weight(layer).shape),
         False,
         (w @ vectors.T).norm(dim=0),
     )
@@ -181,10 +203,23 @@ def near_null_basis(layer: nn.Module, k: int = 8, *, dtype: torch.dtype = torch.
         s,
         0.0,
         name or type(layer).__name__,
-        tuple(layer.weight.shape),
+        tuple(layer_weight(layer).shape),
         True,
         (w @ vectors.T).norm(dim=0),
     )
+
+
+def kernel_or_near_null_basis(layer: nn.Module, k: int, *, name: str = "") -> tuple[KernelBasis, bool]:
+    """``(kernel_basis(layer), True)`` when ker(W1) is non-trivial, else ``(near_null_basis(layer, k), False)``.
+
+    The flag says whether the vectors are an exact kernel (the perturbation collides exactly) or only the k
+    smallest right singular vectors (the first layer's output then changes by sigma * beta).
+    """
+    try:
+        return kernel_basis(layer, name=name), True
+    except TrivialKernelError as err:
+        print(err)
+        return near_null_basis(layer, k, name=name), False
 
 
 def restricted_kernel_basis(layer: nn.Linear, mask: torch.Tensor, *, rtol: float | None = None) -> KernelBasis:
@@ -247,7 +282,7 @@ def _patch_geometry(layer: nn.Module) -> tuple[int, int] | None:
         k, s = tuple(layer.kernel_size), tuple(layer.stride)
         padding = layer.padding if isinstance(layer.padding, tuple) else (layer.padding,)
         if k == s and all(p == 0 for p in padding) and tuple(layer.dilation) == (1, 1) and layer.groups == 1:
-            return k  # type: ignore[return-value]
+            return k[0], k[1]
         raise NotExactError(
             f"first layer {layer} has overlapping or padded windows (kernel {k}, stride {s}, padding "
             f"{layer.padding}): a kernel vector added to each patch is not in the null space of the layer as an "
@@ -265,12 +300,13 @@ def pixel_kernel(model: nn.Module, image_shape: Sequence[int], rtol: float | Non
     """
 
     inner = model.model if isinstance(model, PixelSpace) else model
+    assert isinstance(inner, nn.Module)
     name, layer = first_layer(inner)
     patch = _patch_geometry(layer)
     vectors = kernel_basis(layer, rtol=rtol, dtype=torch.float64).vectors  # (k, *patch_shape)
     c, h, w = image_shape
     std = model.std if isinstance(model, PixelSpace) else None
-    if std is not None:
+    if isinstance(std, torch.Tensor):
         std = std.detach().double().cpu().view(-1)
         if std.numel() != c:
             raise PixelInputError(f"model normalises {std.numel()} channels but images have {c}")

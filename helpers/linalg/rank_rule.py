@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""The book's one rank rule, and a fast way to apply it to every weight matrix of a model.
+
+``rank = #{sigma_i > rtol * sigma_max}`` with ``rtol = max(rows, cols) * eps(dtype)`` by default
+(``torch.linalg.matrix_rank``'s convention; ``default_rtol``). ``reference_rank`` applies it with one SVD;
+``matrix_ranks`` batches same-shape matrices and skips the SVD of a wide/tall matrix when a Gram-matrix
+eigenvalue bound certifies full rank (``certify_full_rank``), which the tests check against the reference.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ def reference_rank(
     """(rank, singular values in descending order) of one 2-D matrix: ``svdvals`` in ``dtype``, then the rule."""
     w = matrix.to(device=device or matrix.device, dtype=dtype)
     sigma = torch.linalg.svdvals(w)
-    return rank_from_singular_values(sigma, tuple(matrix.shape), dtype, rtol), sigma
+    return rank_from_singular_values(sigma, (matrix.shape[0], matrix.shape[1]), dtype, rtol), sigma
 
 
 def rank_from_singular_values(
@@ -173,7 +179,7 @@ def _certify_groups(
     for tier, (factor, iterations) in enumerate(TIERS, start=1):
         groups: dict[tuple[int, int], list[int]] = {}
         for i in left:
-            groups.setdefault(tuple(matrices[i].shape), []).append(i)
+            groups.setdefault((matrices[i].shape[0], matrices[i].shape[1]), []).append(i)
         left = []
         for shape, idx in groups.items():
             p, k = min(shape), max(shape)

@@ -1,0 +1,1 @@
+"""Models: the registry (torchvision, timm, smp, the book's own), MNIST training, forward-pass utilities."""

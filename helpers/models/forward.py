@@ -1,15 +1,12 @@
-"""TODO docstring."""
+"""Running a model: its device, batched forward passes, the output tensor, the top-k classes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    pass
 
 
 def output_tensor(out: Any) -> torch.Tensor:
@@ -27,27 +24,31 @@ def output_tensor(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def batched(model: nn.Module, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """``model`` applied to ``images`` in batches (to bound memory), outputs concatenated."""
-    device = next(model.parameters()).device
-    return torch.cat([model(images[i : i + batch].to(device)).cpu() for i in range(0, len(images), batch)])
+    """``model`` applied to ``images`` (N, ...) in batches of ``batch`` on the model's device; the main output
+    tensors (see ``output_tensor``) concatenated on the CPU."""
+    device = device_of(model)
+    return torch.cat(
+        [output_tensor(model(images[i : i + batch].to(device))).cpu() for i in range(0, len(images), batch)]
+    )
 
 
 @torch.no_grad()
-def top_k(model: nn.Module, images: torch.Tensor, k: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities and class indices of the top ``k`` for each image, (N, k) each."""
-    return batched(model, images).softmax(1).topk(k, dim=1)
+def top_k(model: nn.Module, images: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities (float64) and class indices of the top ``k`` classes of each image: (N, k) each.
+
+    ``images`` (N, ...) are the model's inputs; the forward pass runs in batches on the model's device.
+    """
+    return batched(model, images).double().softmax(-1).topk(k, dim=-1)
 
 
-@torch.no_grad()
-def topk(model: nn.Module, x: torch.Tensor, names: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
-    """Top-k (class name, softmax probability) for each image of a batch x (B, ...) in model space."""
-    probs = output_tensor(model(x)).double().softmax(-1)
-    top = probs.topk(k, dim=-1)
+def top_k_labels(probs: torch.Tensor, indices: torch.Tensor, names: Sequence[str]) -> list[list[tuple[str, float]]]:
+    """``top_k``'s (N, k) output as (class name, probability) pairs per image (index as text past ``names``)."""
     return [
         [(names[i] if i < len(names) else str(i), float(p)) for p, i in zip(ps.tolist(), idx.tolist())]
-        for ps, idx in zip(top.values, top.indices)
+        for ps, idx in zip(probs, indices)
     ]
 
 
 def device_of(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (the book's models live on one device)."""
     return next(module.parameters()).device

@@ -7,6 +7,9 @@ an MLP (first weight hidden x 784), a CNN (first conv out x (1*k*k)), and a patc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch import nn
 
 KINDS = ("mlp", "cnn", "patch", "lenet5")
@@ -75,10 +78,10 @@ def lenet5() -> nn.Sequential:
     )
 
 
-_FACTORIES = {"mlp": mlp, "cnn": cnn, "patch": patch, "lenet5": lenet5}
+_FACTORIES: dict[str, Callable[..., nn.Sequential]] = {"mlp": mlp, "cnn": cnn, "patch": patch, "lenet5": lenet5}
 
 
-def build(kind: str, **kwargs) -> nn.Sequential:
+def build(kind: str, **kwargs: Any) -> nn.Sequential:
     """Build an MNIST model of ``kind`` (one of ``KINDS``) with its keyword arguments."""
     try:
         factory = _FACTORIES[kind]

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""The book's MNIST patch segmenter (digit vs background), its masks and the IoU that ASMA's figure reports.
+
+A stand-in for the medical segmentation networks of the paper's Fig. 3 that trains offline in seconds; its
+first layer is a non-overlapping patch embedding, so exact null-space collisions exist by construction.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from torch import nn
 from helpers.data.normalization import PixelInputError
 from helpers.progress import progress_bar
 
+SEGMENTER_BATCH = 128  # images per optimiser step
 SEGMENTER_CLASSES = 2  # 0: background, 1: digit (binary, like ASMA's medical masks)
 
 
@@ -64,6 +69,11 @@ def train_mnist_segmenter(
     from helpers import runtime
     from helpers.data import mnist_data
 
+    if train_size < SEGMENTER_BATCH or epochs < 1:
+        raise ValueError(
+            f"train_size={train_size}, epochs={epochs} would train for zero steps; valid: train_size >= "
+            f"{SEGMENTER_BATCH} (one batch) and epochs >= 1"
+        )
     key = hashlib.sha256(json.dumps([train_size, epochs, seed, "patch_segmenter-binary-v1"]).encode()).hexdigest()[:12]
     path = runtime.cache_dir() / "mnist-models" / f"segmenter-{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,18 +88,19 @@ def train_mnist_segmenter(
         images, masks = images[:train_size], digit_masks(images[:train_size])
         model = model.to(device).train()
         optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
-        steps = epochs * (train_size // 128)
+        steps = epochs * (train_size // SEGMENTER_BATCH)
         bar = progress_bar(total=steps, desc="train MNIST segmenter", disable=not progress, leave=False)
         for _ in range(epochs):
-            for batch in torch.randperm(train_size, generator=generator).split(128)[: train_size // 128]:
+            for batch in torch.randperm(train_size, generator=generator).split(SEGMENTER_BATCH)[
+                : train_size // SEGMENTER_BATCH
+            ]:
                 optimiser.zero_grad(set_to_none=True)
                 F.cross_entropy(model(images[batch].to(device)), masks[batch].to(device)).backward()
                 optimiser.step()
                 bar.update()
         bar.close()
-        tmp = path.with_suffix(".tmp")
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-        tmp.replace(path)
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        runtime.write_atomically(path, lambda tmp: torch.save(state, tmp))
     model = model.to(device).eval()
     test_images, _ = mnist_data.load(train=False)
     with torch.no_grad():

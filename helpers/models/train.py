@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,19 @@ MNIST_ZOO: dict[str, TrainConfig] = {
     "cnn": TrainConfig("cnn", {"channels": 6, "kernel": 4, "stride": 3}, epochs=2),
     "patch": TrainConfig("patch", {"patch_size": 7, "embed": 16}, epochs=2),
 }
+
+
+#: Quick builds (``--quick``) train every zoo model on this many training digits, for one epoch.
+QUICK_TRAIN_SIZE = 6000
+
+
+def zoo(quick: bool) -> dict[str, TrainConfig]:
+    """The ``MNIST_ZOO`` configurations, in its order (mlp, cnn, patch).
+
+    quick: each trained on the first ``QUICK_TRAIN_SIZE`` training digits for 1 epoch (a different cache
+    entry, lower accuracy); otherwise the full configurations, unchanged.
+    """
+    return {k: (replace(c, train_size=QUICK_TRAIN_SIZE, epochs=1) if quick else c) for k, c in MNIST_ZOO.items()}
 
 
 @dataclass
@@ -135,8 +149,28 @@ def train_mnist(config: TrainConfig, device: str | torch.device = "cpu", progres
     seconds = time.perf_counter() - start
     test_images, test_labels = mnist_data.load(train=False)
     acc = accuracy(model, test_images, test_labels)
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights_path)
-    meta_path.write_text(
-        json.dumps({"config": asdict(config), "test_accuracy": acc, "train_seconds": seconds}, default=list, indent=1)
-    )
+    # weights first, metadata last: a cache entry is complete only when both files exist
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    runtime.write_atomically(weights_path, lambda tmp: torch.save(state, tmp))
+    meta = {"config": asdict(config), "test_accuracy": acc, "train_seconds": seconds}
+    runtime.write_atomically(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, default=list, indent=1)))
     return TrainedModel(model.eval(), config, acc, seconds, weights_path, from_cache=False)
+
+
+def train_zoo(
+    quick: bool,
+    device: str | torch.device = "cpu",
+    *,
+    kinds: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, TrainedModel]:
+    """Train (or load from the cache) the ``zoo(quick)`` models named in ``kinds`` (default: all), in that order.
+
+    Returns {kind: TrainedModel} on ``device``, in eval mode. Raises KeyError for a kind not in ``MNIST_ZOO``.
+    """
+    configs = zoo(quick)
+    kinds = list(configs) if kinds is None else list(kinds)
+    unknown = [k for k in kinds if k not in configs]
+    if unknown:
+        raise KeyError(f"unknown zoo model(s) {', '.join(unknown)}; valid: {', '.join(configs)}")
+    return {k: train_mnist(configs[k], device, progress=progress) for k in kinds}
