@@ -10,6 +10,7 @@ from torch import nn
 
 from helpers.data import photos
 from helpers.experiments import polytope as P
+from helpers.experiments import polytope_study
 
 from .conftest import needs_mnist
 
@@ -267,8 +268,8 @@ IMAGES = torch.cat([START, TARGET, 1 - TARGET])  # dataset indices: 0 = another 
 
 
 @pytest.fixture(scope="module")
-def two(split: P.ReluSplit) -> P.TwoStartPolytopes:
-    return P.search_two_starts(split, IMAGES, [1], [0], n_vertices=2, config=CONFIG, progress=False)
+def two(split: P.ReluSplit) -> polytope_study.TwoStartPolytopes:
+    return polytope_study.search_two_starts(split, IMAGES, [1], [0], n_vertices=2, config=CONFIG, progress=False)
 
 
 def fake_row(**changes: object) -> dict:
@@ -290,7 +291,7 @@ def fake_row(**changes: object) -> dict:
     return row | changes
 
 
-def test_two_start_search_rows_and_figure_rows(split: P.ReluSplit, two: P.TwoStartPolytopes) -> None:
+def test_two_start_search_rows_and_figure_rows(split: P.ReluSplit, two: polytope_study.TwoStartPolytopes) -> None:
     assert two.n_targets == 1 and two.polys.n_polytopes == 2 and two.polys.vertices.shape == (2, 2, 1, 2, 3)
     assert torch.equal(two.polys.starts, torch.cat([TARGET, START])) and torch.equal(two.paired_targets[1], TARGET[0])
     # both searches reach the target's polytope: Proposition 1 holds at every vertex
@@ -305,18 +306,18 @@ def test_two_start_search_rows_and_figure_rows(split: P.ReluSplit, two: P.TwoSta
     reports = P.measure_polytopes(
         split, two.paired_targets, two.polys, 20, torch.Generator().manual_seed(0), keep_samples=1, progress=False
     )
-    rows = P.two_start_rows(reports, 2.0, two.target_ids)
+    rows = polytope_study.two_start_rows(reports, 2.0, two.target_ids)
     assert [(r["init"], r["target"]) for r in rows] == [("target", 1), ("other image", 1)]
     assert rows[1]["ratio_pct"] == pytest.approx(50 * reports[1]["vertex_distance"])
-    fig_rows = P.figure_rows(two.polys, reports, two.targets, [0, 1], ["a", "b"])
+    fig_rows = polytope_study.figure_rows(two.polys, reports, two.targets, [0, 1], ["a", "b"])
     assert [r["label"] for r in fig_rows] == ["a", "b"] and torch.equal(fig_rows[1]["start"], START[0])
     assert torch.equal(fig_rows[1]["target"], TARGET[0]) and fig_rows[1]["samples"].shape == (1, 1, 2, 3)
     with pytest.raises(ValueError, match="one other image per target"):
-        P.search_two_starts(split, IMAGES, [1, 2], [0], progress=False)
+        polytope_study.search_two_starts(split, IMAGES, [1, 2], [0], progress=False)
     with pytest.raises(ValueError, match="2 reports per target"):
-        P.two_start_rows(reports[:1], 2.0, [1])
+        polytope_study.two_start_rows(reports[:1], 2.0, [1])
     with pytest.raises(ValueError, match="one label per polytope"):
-        P.figure_rows(two.polys, reports, two.targets, [0, 1], ["a"])
+        polytope_study.figure_rows(two.polys, reports, two.targets, [0, 1], ["a"])
 
 
 def test_summarise_and_worst_case() -> None:
@@ -325,18 +326,18 @@ def test_summarise_and_worst_case() -> None:
         fake_row(same_class_pct=95.0, vertex_distance=3.0, ratio_pct=30.0, sample_act_rel_max=0.2, target=1),
         fake_row(init="other image", sample_prob=0.5, target_prob=0.9, vertex_ineq_max=0.3),
     ]
-    summary = P.summarise(rows, "target")
+    summary = polytope_study.summarise(rows, "target")
     assert summary["target"] == "2 targets" and summary["init"] == "target"
     assert summary["same_class_pct"] == 95.0 and summary["vertex_distance"] == 2.0 and summary["ratio_pct"] == 20.0
     assert summary["sample_act_rel_max"] == 0.2 and summary["vertex_ineq_max"] == -0.1  # the other init left out
-    assert list(summary) == P.ROW_COLUMNS
-    worst = P.worst_case(rows)
+    assert list(summary) == polytope_study.ROW_COLUMNS
+    worst = polytope_study.worst_case(rows)
     assert worst["same_class_pct"] == 95.0 and worst["vertex_ineq_max"] == 0.3
     assert worst["act_rel_max"] == 0.2 and worst["prob_gap"] == pytest.approx(0.4)
     with pytest.raises(ValueError, match="no rows with init 'nowhere'"):
-        P.summarise(rows, "nowhere")
+        polytope_study.summarise(rows, "nowhere")
     with pytest.raises(ValueError, match="no rows"):
-        P.worst_case([])
+        polytope_study.worst_case([])
 
 
 def test_annotated_sweep_summary_and_figures() -> None:
@@ -360,20 +361,20 @@ def test_annotated_sweep_summary_and_figures() -> None:
             "vertices": torch.stack([near_target] * 2),
         },
     ]
-    rows = P.annotate_sweep(sweep, 10.0, start, target)
+    rows = polytope_study.annotate_sweep(sweep, 10.0, start, target)
     assert "ratio_pct" not in sweep[0]  # the input rows are left alone
     assert [r["ratio_pct"] for r in rows] == [10.0, 20.0, 30.0]
     assert rows[0]["other_to_start"] == pytest.approx(0.5) and rows[0]["other_to_target"] == pytest.approx(1.5)
     assert rows[1]["other_to_start"] == pytest.approx(1.5) and rows[1]["other_to_target"] == pytest.approx(0.5)
-    facts = P.sweep_summary(rows, act_tol=0.01)
+    facts = polytope_study.sweep_summary(rows, act_tol=0.01)
     assert facts["ratio_min"] == 10.0 and facts["ratio_max"] == 30.0 and facts["nearer_target"] == 2
     assert facts["tight"]["steps"] == 30 and facts["tight"]["lr"] == 0.1  # the smallest ratio among the tight ones
-    assert P.sweep_summary(rows, act_tol=1e-4)["tight"] is None
+    assert polytope_study.sweep_summary(rows, act_tol=1e-4)["tight"] is None
     with pytest.raises(ValueError, match="empty sweep"):
-        P.sweep_summary([], 0.01)
-    fig = P.sweep_figure(rows, (12, 13), 0.01)
+        polytope_study.sweep_summary([], 0.01)
+    fig = polytope_study.sweep_figure(rows, (12, 13), 0.01)
     assert len(fig.axes) == 2 and [len(ax.get_lines()) for ax in fig.axes] == [2, 3]  # 2 lrs (+ the tolerance line)
-    vertex_rows = P.sweep_vertex_rows(rows, target, start)
+    vertex_rows = polytope_study.sweep_vertex_rows(rows, target, start)
     assert [r["label"] for r in vertex_rows] == ["lr 0.1, 10 steps", "lr 0.1, 30 steps", "lr 0.5, 10 steps"]
     assert vertex_rows[0]["samples"].shape == (0, 1, 2, 2) and torch.equal(vertex_rows[1]["vertices"], near_target)
 
@@ -383,26 +384,29 @@ def test_lenet_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
 
     canonical = train.CANONICAL["lenet5"]
     monkeypatch.setattr(train, "cached_checkpoint", lambda name: None)
-    quick = P.lenet_recipe(True, "auto")
+    quick = polytope_study.lenet_recipe(True, "auto")
     assert quick is not canonical and (quick.epochs, quick.train_size) == (1, 10_000) and quick.kind == "lenet5"
-    assert P.lenet_recipe(False, "auto") is canonical and P.lenet_recipe(True, "random") is canonical
+    assert (
+        polytope_study.lenet_recipe(False, "auto") is canonical
+        and polytope_study.lenet_recipe(True, "random") is canonical
+    )
     monkeypatch.setattr(train, "cached_checkpoint", lambda name: "cached.pt")
-    assert P.lenet_recipe(True, "auto") is canonical
+    assert polytope_study.lenet_recipe(True, "auto") is canonical
 
 
 def test_paper_vs_ours_tables() -> None:
     from helpers.data import paper
 
     t2 = paper.get("li", "table2")
-    row = P.paper_vs_ours("1", t2["rows"]["1"], t2["image_distance"], fake_row())
+    row = polytope_study.paper_vs_ours("1", t2["rows"]["1"], t2["image_distance"], fake_row())
     assert row["row"] == "1" and row["init"] == "target" and row["success %"] == "100 / 100.00"
     assert row["image distance"] == "10.21 / 10.00" and row["ratio %"] == f"{100 * 1.33 / 10.21:.1f} / 12.5"
-    cell = P.side_by_side(
+    cell = polytope_study.side_by_side(
         "4", {"success_pct": 100, "target_prob": 0.9, "sample_prob": 0.8, "vertex_distance": 50}, fake_row(), 500
     )
     assert cell["table"] == "4" and cell["ratio %"] == "10.0 / 12.5" and cell["vertex eq. residual"] == "— / 0.0001"
     assert cell["target prob."] == "0.9 / 1.000" and cell["image distance"] == "500 / 10"
-    comparison = P.mnist_comparison(
+    comparison = polytope_study.mnist_comparison(
         paper.get("li"), [fake_row(), fake_row(same_class_pct=97.0)], [fake_row()], 0.98, 0.99, 10.0
     )
     by = {r["quantity"]: r for r in comparison}
@@ -418,31 +422,38 @@ def test_paper_vs_ours_tables() -> None:
 def test_claim_status_passes_and_fails() -> None:
     from helpers.book import results
 
-    assert P.claim_status(99.5, at_least=99.0) == results.REPRODUCED
-    assert P.claim_status(98.9, at_least=99.0) == results.DIFFERS
-    assert P.claim_status(0.01, at_most=0.01) == results.REPRODUCED
-    assert P.claim_status(0.02, at_most=0.01) == results.DIFFERS
-    assert P.claim_status(0, below=0.5) == results.REPRODUCED and P.claim_status(1, below=1) == results.DIFFERS
-    assert P.claim_status([12.0, 13.4], at_least=11.5, at_most=13.5) == results.REPRODUCED
-    assert P.claim_status([12.0, 42.3], at_least=11.5, at_most=13.5) == results.DIFFERS  # every value must pass
-    assert P.claim_status(float("nan"), at_least=0.0) == results.DIFFERS
-    assert P.claim_status(98.9, at_least=99.0, trained=False) == results.NOT_CHECKABLE
+    assert polytope_study.claim_status(99.5, at_least=99.0) == results.REPRODUCED
+    assert polytope_study.claim_status(98.9, at_least=99.0) == results.DIFFERS
+    assert polytope_study.claim_status(0.01, at_most=0.01) == results.REPRODUCED
+    assert polytope_study.claim_status(0.02, at_most=0.01) == results.DIFFERS
+    assert (
+        polytope_study.claim_status(0, below=0.5) == results.REPRODUCED
+        and polytope_study.claim_status(1, below=1) == results.DIFFERS
+    )
+    assert polytope_study.claim_status([12.0, 13.4], at_least=11.5, at_most=13.5) == results.REPRODUCED
+    assert (
+        polytope_study.claim_status([12.0, 42.3], at_least=11.5, at_most=13.5) == results.DIFFERS
+    )  # every value must pass
+    assert polytope_study.claim_status(float("nan"), at_least=0.0) == results.DIFFERS
+    assert polytope_study.claim_status(98.9, at_least=99.0, trained=False) == results.NOT_CHECKABLE
     with pytest.raises(ValueError, match="give the criterion"):
-        P.claim_status(1.0)
+        polytope_study.claim_status(1.0)
     with pytest.raises(ValueError, match="no measured value"):
-        P.claim_status([], at_least=0.0)
+        polytope_study.claim_status([], at_least=0.0)
 
 
 def test_mnist_checks_pass_and_fail() -> None:
-    criteria = P.MnistCriteria()
-    good = P.worst_case([fake_row()])
-    checks = P.mnist_checks(good, 0.97, ineq_limit=0.05, criteria=criteria, n_samples=2000, trained=True)
+    criteria = polytope_study.MnistCriteria()
+    good = polytope_study.worst_case([fake_row()])
+    checks = polytope_study.mnist_checks(good, 0.97, ineq_limit=0.05, criteria=criteria, n_samples=2000, trained=True)
     assert [ok for ok, _, _ in checks] == [True] * 4
     assert checks[0][1] == "MLP 2x256 test accuracy >= 96%"
     assert checks[1][1] == "every MLP polytope: >= 99% of 2000 samples keep the target class"
-    bad = P.worst_case([fake_row(same_class_pct=90.0, sample_act_rel_max=0.5, vertex_ineq_max=0.2)])
-    assert [ok for ok, _, _ in P.mnist_checks(bad, 0.95, 0.05, criteria, 2000, trained=True)] == [False] * 4
-    untrained = P.mnist_checks(bad, 0.10, 0.05, criteria, 2000, trained=False)
+    bad = polytope_study.worst_case([fake_row(same_class_pct=90.0, sample_act_rel_max=0.5, vertex_ineq_max=0.2)])
+    assert [ok for ok, _, _ in polytope_study.mnist_checks(bad, 0.95, 0.05, criteria, 2000, trained=True)] == [
+        False
+    ] * 4
+    untrained = polytope_study.mnist_checks(bad, 0.10, 0.05, criteria, 2000, trained=False)
     assert len(untrained) == 2 and not any(ok for ok, _, _ in untrained)  # the weight-independent checks remain
 
 
@@ -455,8 +466,8 @@ def mnist_claims(rows: list[dict], lenet_rows: list[dict], trained: bool = True,
         "nearer_target": torch.tensor([not nearer_start]),
     }
     facts = {"ratio_min": 4.0, "ratio_max": 18.0, "tight": {"ratio_pct": 18.0}, "nearer_target": 1}
-    claims = P.mnist_claims(
-        paper.get("li"), rows, lenet_rows, 0.975, row2, facts, P.MNIST_CONFIG, P.MnistCriteria(), trained
+    claims = polytope_study.mnist_claims(
+        paper.get("li"), rows, lenet_rows, 0.975, row2, facts, P.MNIST_CONFIG, polytope_study.MnistCriteria(), trained
     )
     return {c["id"]: c for c in claims}
 
@@ -482,4 +493,6 @@ def test_mnist_claims_reproduced_differs_and_not_checkable() -> None:
     random = mnist_claims(bad_rows, [fake_row()] * 2, trained=False)
     assert random["li.mnist.activation_match"]["status"] == results.DIFFERS  # decided for any weights
     others = [c for k, c in random.items() if k != "li.mnist.activation_match"]
-    assert all(c["status"] == results.NOT_CHECKABLE and c["reason"] == P.RANDOM_WEIGHTS_REASON for c in others)
+    assert all(
+        c["status"] == results.NOT_CHECKABLE and c["reason"] == polytope_study.RANDOM_WEIGHTS_REASON for c in others
+    )

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from helpers.data.photos import resized_pixels, sample_image
-from helpers.experiments import polytope
+from helpers.experiments import polytope, polytope_study
 
 
 def extract_patches(image: Tensor, size: int, stride: int) -> Tensor:
@@ -156,7 +156,7 @@ def figure_rows(
     targets (T, C, H, W): polytope k's target is ``targets[k % T]``; ``polys.starts`` are the decoded starting
     images (the even mix); grid (rows, cols) of tiles of ``size`` pixels.
     """
-    rows = polytope.figure_rows(polys, reports, targets, range(len(labels)), labels)
+    rows = polytope_study.figure_rows(polys, reports, targets, range(len(labels)), labels)
     return [dict(row, boxes=changed_boxes(row["vertices"], grid, size)) for row in rows]
 
 
@@ -191,7 +191,9 @@ def vgg_claims(
             "description": "fc6 polytope (Table 4): samples classified as the target (%)",
             "paper": t4["success_pct"],
             "ours": round(pixel_row["same_class_pct"], 2),
-            "status": polytope.claim_status(pixel_row["same_class_pct"], at_least=same_class_pct, trained=trained),
+            "status": polytope_study.claim_status(
+                pixel_row["same_class_pct"], at_least=same_class_pct, trained=trained
+            ),
             "reason": reason,
         },
         {
@@ -199,7 +201,7 @@ def vgg_claims(
             "description": "fc6 polytope: mean top-class probability of the samples",
             "paper": f"{t4['sample_prob']} (range {lo}-{hi})",
             "ours": round(pixel_row["sample_prob"], 4),
-            "status": polytope.claim_status(pixel_row["sample_prob"], at_least=lo, trained=trained),
+            "status": polytope_study.claim_status(pixel_row["sample_prob"], at_least=lo, trained=trained),
             "reason": reason,
         },
         {
@@ -207,7 +209,7 @@ def vgg_claims(
             "description": "fc6 polytope: vertex distance / image distance (%)",
             "paper": f"{rlo}-{rhi}",
             "ours": round(pixel_row["ratio_pct"], 2),
-            "status": polytope.claim_status(pixel_row["ratio_pct"], at_least=rlo, at_most=rhi, trained=trained),
+            "status": polytope_study.claim_status(pixel_row["ratio_pct"], at_least=rlo, at_most=rhi, trained=trained),
             "reason": then + f"image distance from {n_images} sample images, not ImageNet",
         },
         {
@@ -215,7 +217,7 @@ def vgg_claims(
             "description": "patch-composed polytopes (Table 6): samples classified as the target (%), worst row",
             "paper": min(theirs["table6"]["rows"][k]["success_pct"] for k in ("1", "2")),
             "ours": round(patch_same, 2),
-            "status": polytope.claim_status(patch_same, at_least=same_class_pct, trained=trained),
+            "status": polytope_study.claim_status(patch_same, at_least=same_class_pct, trained=trained),
             "reason": then + f"{n_patches:,} patches from sample images, exact k-NN",
         },
     ]
