@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.book import pipeline, results
+from helpers.book import pipeline, results, verdict
 
 REQUIRED_PARAMETERS = ("device", "weights", "quick", "seed")
 
@@ -44,22 +44,30 @@ def test_content_hash_tracks_notebook_and_parameters() -> None:
 
 
 def test_scoreboard_lists_claims(tmp_path) -> None:
-    claim = results.Claim(
-        "x.y", "a claim", paper=84, ours=83, status=results.DIFFERS, weights="random", reason="trained weights add one"
+    claim = results.judge(
+        "x.y",
+        "a claim",
+        verdict.equals(84, "nullity"),
+        paper=84,
+        ours=83,
+        weights="random",
+        reason="trained weights add one",
     )
     path = results.save("demo", [claim], quick=False, device="cpu")
     records = results.load_all(path.parent)
     page = results.scoreboard_markdown([r for r in records if r["chapter"] == "demo"], {"demo": "Demo"})
     assert "## [Demo](chapters/demo.ipynb)" in page
     assert (
-        '| <span class="status status-differs">differs</span> | a claim | 84 | 83 | random | trained weights add one |'
+        '| <span class="status status-differs">differs</span> | a claim | nullity = 84 | 84 | 83 | random | '
+        "trained weights add one |"
     ) in page
     assert "**1 differs.**" in page
+    assert records[-1]["claims"][0]["criterion"] == "nullity = 84"
 
 
 def test_claim_status_is_validated() -> None:
     with pytest.raises(ValueError, match="unknown status 'ok'"):
-        results.Claim("a", "b", 1, 1, "ok")
+        results.Claim("a", "b", "c", 1, 1, "ok")
 
 
 def test_checks_fail_the_build() -> None:
@@ -115,9 +123,14 @@ def fake_book(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Pa
         (out / "executed" / f"{stem}.ipynb").write_text(nb)
     monkeypatch.setattr(pipeline, "ROOT", root)
     monkeypatch.setenv("COLLISIONS_OUT", str(outputs))
-    results.save("a", [results.Claim("a.1", "residual is zero", 0, 1e-7, results.REPRODUCED)], quick=True, device="cpu")
     results.save(
-        "b", [results.Claim("b.1", "two colliding images", 2, 2, results.REPRODUCED)], quick=True, device="cpu"
+        "a",
+        [results.judge("a.1", "residual is zero", verdict.at_most(1e-6, "residual"), paper=0, ours=1e-7)],
+        quick=True,
+        device="cpu",
+    )
+    results.save(
+        "b", [results.judge("b.1", "two colliding images", verdict.equals(2, "images"), paper=2, ours=2)], quick=True, device="cpu"
     )
     return out, outputs
 

@@ -16,13 +16,19 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from helpers.book import pipeline
+from helpers.book import pipeline, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = pipeline.chapter_notebooks()
 MAX_LOOP_BODY = 3
 MAX_FIGURE_LINES = 3
 MAX_STATEMENTS = 15
+#: The names and words of the statuses: only helpers/book/verdict.py decides a status.
+STATUS_NAMES = {
+    n for n in dir(verdict) if getattr(verdict, n) in verdict.STATUSES and isinstance(getattr(verdict, n), str)
+}
+STATUS_WORDS = set(verdict.STATUSES)
+STATUS_HOLDERS = {"verdict", "results"}
 FIGURE_CALL = re.compile(r"\b(plt|ax|axes|fig)\s*(\.|\[)")
 
 
@@ -36,11 +42,35 @@ def python_source(cell: dict) -> str:
     return "\n".join(re.sub(r"^(\s*)[!%].*$", r"\1pass", line) for line in lines)
 
 
+def status_literals(tree: ast.AST) -> list[str]:
+    """Places where code names a status instead of letting ``verdict.status_of`` compute it."""
+    imported = {
+        a.asname or a.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and (n.module or "").endswith(("verdict", "results"))
+        for a in n.names
+    }
+    found = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.keyword) and n.arg == "status":
+            found.append("passes status=")
+        elif isinstance(n, ast.Attribute) and n.attr in STATUS_NAMES and getattr(n.value, "id", "") in STATUS_HOLDERS:
+            found.append(f"passes the status {n.attr}")
+        elif isinstance(n, ast.Name) and n.id in STATUS_NAMES and n.id in imported:
+            found.append(f"passes the status {n.id}")
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.lower() in STATUS_WORDS:
+            found.append(f"passes the status literal {n.value!r}")
+        elif isinstance(n, ast.Dict) and any(isinstance(k, ast.Constant) and k.value == "status" for k in n.keys):
+            found.append("builds a claim dict with a 'status'")
+    return found
+
+
 def rule_violations(cell: dict) -> list[str]:
     """The chapter rules one code cell breaks (empty when it follows them)."""
     source = python_source(cell)
     tree = ast.parse(source)
     found = [f"defines {n.name!r}" for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    found += status_literals(tree)
     for loop in (n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While))):
         body = (loop.body[-1].end_lineno or loop.body[-1].lineno) - loop.body[0].lineno + 1
         if body > MAX_LOOP_BODY:
@@ -98,11 +128,29 @@ def test_no_code_cell_is_copied_between_chapters() -> None:
         ("for i in range(3):\n    a = i\n    b = a\n    c = b\n    d = c\n", "loop"),
         ("fig, ax = plt.subplots()\nax.plot([1])\nax.set_title('t')\nax.grid(False)\nfig.colorbar(1)\n", "figure"),
         ("\n".join(f"a{i} = {i}" for i in range(MAX_STATEMENTS + 1)), "statements"),
+        ("ch.claim('a', 'b', crit, paper=1, ours=1, status='reproduced')\n", "status"),
+        ("s = results.REPRODUCED if ok else results.DIFFERS\n", "status"),
+        ("s = 'differs'\n", "status"),
+        ("from helpers.book.verdict import REPRODUCED\nx = REPRODUCED\n", "status"),
     ],
 )
 def test_rules_catch_violations(source: str, rule: str) -> None:
     violations = rule_violations({"cell_type": "code", "metadata": {}, "source": source})
     assert any(rule in v for v in violations), violations
+
+
+#: The only modules that may name a status: the rule itself and the scoreboard that counts them.
+STATUS_HOMES = {"helpers/book/verdict.py", "helpers/book/results.py"}
+
+
+def test_no_module_but_the_verdict_names_a_status() -> None:
+    """Experiment modules hand criteria and measurements to ``verdict.status_of``; none writes a status in."""
+    offenders = []
+    for path in sorted((ROOT / "helpers").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel not in STATUS_HOMES:
+            offenders += [f"{rel}: {v}" for v in status_literals(ast.parse(path.read_text()))]
+    assert not offenders, "\n".join(offenders)
 
 
 def test_rules_accept_a_narrating_cell() -> None:

@@ -3,7 +3,7 @@
 ch = chapter.setup("fig1_resnet50", device=device, weights=weights, quick=quick, seed=seed)
 resnet = ch.load("resnet50")        # banner shown if the weights are random
 ch.figure(fig, "fig1_tiled", "caption")  # shown on the page with its caption, saved to figures/
-ch.claim("fig1.same_top1", "same top-1 class", paper="same", ours=..., status=...)
+ch.claim("fig1.same_top5", "same top-5", verdict.every("same top-5").trained(), paper="same", ours=rate)
 ch.save()                           # results/fig1_resnet50.json
 """
 
@@ -20,6 +20,7 @@ import torch
 
 from helpers import runtime
 from helpers.book import page, plotting, results
+from helpers.book.verdict import Budget, Criterion
 from helpers.models import registry
 
 
@@ -69,14 +70,33 @@ class Chapter:
         self,
         id: str,
         description: str,
+        criterion: Criterion,
         *,
         paper: Any,
         ours: Any,
-        status: str,
-        weights: str | None = None,
+        measured: Any = results.SAME_AS_OURS,
+        models: tuple[str, ...] = (),
         reason: str = "",
+        budget: Budget | None = None,
     ) -> results.Claim:
-        c = results.Claim(id, description, paper, ours, status, weights or self.weights_label(), reason)
+        """Record a claim judged by ``criterion`` (stated before measuring) on ``measured`` (default ``ours``).
+
+        ``models`` names the loaded models the claim rests on (default: all): their weights label the claim,
+        and a criterion that needs trained weights is not checkable unless all of them are pretrained.
+        """
+        chosen = [self.loaded[n] for n in models] if models else list(self.loaded.values())
+        c = results.judge(
+            id,
+            description,
+            criterion,
+            paper=paper,
+            ours=ours,
+            measured=measured,
+            trained=all(m.is_pretrained for m in chosen),
+            weights=self.weights_label(*models),
+            reason=reason,
+            budget=budget,
+        )
         self.claims.append(c)
         return c
 

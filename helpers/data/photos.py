@@ -36,8 +36,19 @@ SAMPLE_IMAGES: tuple[str, ...] = (
     "motorcycle_left",
     "motorcycle_right",
 )
+#: Photographs shipped by other installed packages (no download): name -> (package, path inside it).
+PACKAGED_PHOTOS: dict[str, tuple[str, str]] = {
+    "china": ("sklearn", "datasets/images/china.jpg"),
+    "flower": ("sklearn", "datasets/images/flower.jpg"),
+    "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+}
+#: Every natural photograph available offline: the image set per-image claims run over (``colorwheel`` is
+#: synthetic and left out).
+NATURAL_IMAGES: tuple[str, ...] = (*(n for n in SAMPLE_IMAGES if n != "colorwheel"), *PACKAGED_PHOTOS)
 #: Friendlier names accepted wherever a sample name is.
 ALIASES: dict[str, str] = {"cat": "chelsea", "motorcycle": "motorcycle_left"}
+#: Every name ``sample_image``/``load_image`` accept.
+ALL_NAMES: tuple[str, ...] = (*SAMPLE_IMAGES, *PACKAGED_PHOTOS, *ALIASES)
 #: Li et al.'s patch "dataset" for the VGG16 study: every sample image.
 PATCH_SOURCES: tuple[str, ...] = SAMPLE_IMAGES
 
@@ -47,17 +58,35 @@ def sample_image(name: str) -> np.ndarray:
     import skimage.data
 
     name = ALIASES.get(name, name)
+    if name in PACKAGED_PHOTOS:
+        return np.asarray(Image.open(packaged_photo_path(name)).convert("RGB"), dtype=np.uint8)
     if name.startswith("motorcycle_"):
         left, right, _ = skimage.data.stereo_motorcycle()
         arr = left if name.endswith("left") else right
     elif name in SAMPLE_IMAGES:
         arr = getattr(skimage.data, name)()
     else:
-        raise ValueError(f"unknown sample image {name!r}; valid: {', '.join((*SAMPLE_IMAGES, *ALIASES))}")
+        raise ValueError(f"unknown sample image {name!r}; valid: {', '.join(ALL_NAMES)}")
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     return np.ascontiguousarray(arr[..., :3]).astype(np.uint8)
+
+
+def packaged_photo_path(name: str) -> Path:
+    """Where an installed package keeps the photograph ``name`` (see ``PACKAGED_PHOTOS``); nothing is imported."""
+    import importlib.util
+
+    package, inside = PACKAGED_PHOTOS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"photo {name!r} needs the package {package!r}; install it (pip install -e .)")
+    return Path(next(iter(spec.submodule_search_locations))) / inside
+
+
+def natural_image_set(size: int = 224, names: tuple[str, ...] = NATURAL_IMAGES) -> tuple[list[str], Tensor]:
+    """The offline photographs as one batch: (names, (N, 3, size, size) float32 in [0, 1]), ImageNet-cropped."""
+    return list(names), torch.cat([imagenet_pixels(load_image(n), size) for n in names])
 
 
 def resized_pixels(arr: np.ndarray, shorter: int) -> Tensor:
@@ -77,7 +106,7 @@ def sample_pixels(name: str, size: int = 224) -> Tensor:
 def load_image(name_or_path: str | Path) -> Image.Image:
     """An RGB PIL image: a sample name (``SAMPLE_IMAGES``, ``ALIASES``), a local path, or an http(s) URL."""
     key = str(name_or_path)
-    if key in SAMPLE_IMAGES or key in ALIASES:
+    if key in ALL_NAMES:
         return Image.fromarray(sample_image(key)).convert("RGB")
     if key.startswith(("http://", "https://")):
         target = runtime.cache_dir() / "images" / Path(key.split("?")[0]).name
@@ -89,7 +118,7 @@ def load_image(name_or_path: str | Path) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(
             f"image {str(path)!r} not found; give an existing file, an http(s) URL, "
-            f"or a sample name: {', '.join((*SAMPLE_IMAGES, *ALIASES))}"
+            f"or a sample name: {', '.join(ALL_NAMES)}"
         )
     return Image.open(path).convert("RGB")
 
