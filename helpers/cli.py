@@ -148,16 +148,20 @@ def _attacks_command(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model!r} is a {loaded.spec.task} model; this command runs PGD on classifiers")
     image = photos.imagenet_pixels(photos.load_image(args.image), args.size).to(device)
     eps = parse_eps(args.eps)
-    pgd_eps = parse_eps(args.pgd_eps) if args.pgd_eps else eps / 2
+    if not 0 < args.reach <= 1:
+        raise ValueError(f"--reach must be in (0, 1], got {args.reach}")
+    # One budget: PGD's own limit eps. Without a random start PGD moves a pixel at most steps * alpha = reach * eps,
+    # leaving room for twins, which are drawn within the same eps (the paper's condition).
+    alpha = args.reach * eps / args.steps
     with torch.no_grad():
         label = model(image).argmax(1)
-    adversarial = attacks.pgd(model, image, label, eps=pgd_eps, alpha=pgd_eps / 4, steps=args.steps)
+    adversarial = attacks.pgd(model, image, label, eps=eps, alpha=alpha, steps=args.steps, random_start=False)
     twins = collisions.colliding_adversarials(model, image, adversarial, eps=eps, n=args.n)
     report = {
         "model": args.model,
         "weights": loaded.weights,
         "eps": eps,
-        "pgd_eps": pgd_eps,
+        "pgd_reach": attacks.pgd_reach(eps, alpha, args.steps, random_start=False),
         **collisions.describe_colliding(model, twins),
     }
     print_report(report, args.json)
@@ -277,7 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="Table 1 numbers of a model: n, nu, mu, nullities, W1")
     p.add_argument("model", help="a registry name (see `python -m helpers models`)")
     add_common(p)
-    p.add_argument("--dtype", default="float64", choices=AUDIT_DTYPES, help="dtype of the SVD (default float64)")
+    p.add_argument(
+        "--dtype",
+        default="float64",
+        choices=AUDIT_DTYPES,
+        help="precision of the rank tolerance; singular values are always computed in float64 (default float64)",
+    )
     p.add_argument(
         "--rtol",
         type=float,
@@ -306,8 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a registry classifier whose first layer has a kernel (e.g. deit_tiny_patch16_224)")
     p.add_argument("--image", default="astronaut", help="sample name, path or URL")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--eps", default="8/255", help="budget of the twins around the clean image (pixels)")
-    p.add_argument("--pgd-eps", default=None, help="PGD's budget (default eps/2, leaving room for the twins)")
+    p.add_argument("--eps", default="8/255", help="the attack's l_inf budget; twins stay within it too (pixels)")
+    p.add_argument(
+        "--reach", type=float, default=0.5, help="fraction of eps PGD may use (no random start), leaving room for twins"
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--n", type=int, default=100)
     add_common(p)

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.data import normalization
+from helpers import stats
+from helpers.book import verdict
+from helpers.data import normalization, photos
 from helpers.experiments import attacks, collisions
 from helpers.linalg import kernels
 from helpers.models import segmentation
@@ -137,28 +139,106 @@ def test_asma_rejects_bad_targets() -> None:
         attacks.asma(seg, torch.cat([x, x]), torch.zeros(16, 16, dtype=torch.long), iterations=1)
 
 
-def test_pgd_twins_and_budget_study() -> None:
+def test_pgd_twins_stay_within_the_attacks_own_eps() -> None:
     model = normalization.PixelSpace(_patch_classifier())
     images = _images(n=6)
     labels = model(images).argmax(1).detach()  # the model is "right" on every image
-    run = attacks.pgd_twins(model, images[:1], eps=0.1, pgd_eps=0.05, steps=3, n=4, seed=0)
+    run = attacks.pgd_twins(model, images[:1], eps=0.1, alpha=0.01, steps=3, random_start=False, n=4, seed=0)
     assert torch.equal(run.label, labels[:1]) and run.adversarial.shape == (1, 3, 16, 16)
     assert run.report["n"] == run.report["keep_adversarial_prediction"] == 4 and run.report["within_eps"]
-    assert 0 <= run.report["saturated_pixels"] <= 1
-    rows, smallest = attacks.pgd_budget_study(
-        model, images, labels, eps=0.2, pgd_budgets=(0.2, 0.1), steps=5, n=3, seed=0
-    )
-    assert list(rows) == [0.2, 0.1] and rows[0.1]["pgd_eps"] == 0.1 and rows[0.2]["within_eps"]
-    assert float((smallest.adversarial - smallest.clean).abs().max()) <= 0.1 + 1e-6
-    assert smallest.twins.images.shape == (3, 3, 16, 16) and smallest.report["keep_adversarial_prediction"] == 3
-    table = attacks.twin_table_rows({("patch", e): r for e, r in rows.items()})
-    assert list(table) == ["patch, PGD eps 0.2", "patch, PGD eps 0.1"]
-    assert list(table["patch, PGD eps 0.1"]) == list(attacks.TWIN_COLUMNS)
-    fig = attacks.twins_figure(model, smallest, attack="PGD", shown=2, k=3)
+    assert run.report["eps"] == 0.1 and run.report["max_linf_to_clean"] <= 0.1 + 1e-6
+    assert run.report["saturated_pixels"] == 0.0  # 3 steps of 0.01 from the clean image never reach 0.1
+    fig = attacks.twins_figure(model, run, attack="PGD", shown=2, k=3)
     assert [ax.get_title() for ax in fig.axes[:4]] == ["clean", "PGD", "twin 0", "twin 1"]
     plt.close(fig)
-    with pytest.raises(normalization.PixelInputError, match="<= eps"):
-        attacks.pgd_budget_study(model, images, labels, eps=0.1, pgd_budgets=(0.2,), steps=1)
+
+
+def test_pgd_reach() -> None:
+    assert attacks.pgd_reach(0.3, 0.02, 10, False) == pytest.approx(0.2)
+    assert attacks.pgd_reach(0.3, 0.1, 10, False) == 0.3 and attacks.pgd_reach(0.3, 0.01, 1, True) == 0.3
+    with pytest.raises(normalization.PixelInputError):
+        attacks.pgd_reach(0.0, 0.1, 1, True)
+
+
+def test_largest_beta_respects_the_ball_and_the_range() -> None:
+    clean = torch.full((1, 1, 2, 2), 0.5)
+    adv = clean + torch.tensor([0.1, -0.1, 0.0, 0.0]).view(1, 1, 2, 2)
+    d = torch.tensor([1.0, 1.0, -1.0, 0.0]).view(1, 1, 2, 2)
+    # eps 0.3: pixel 0 may go up 0.2, pixel 1 up 0.4, pixel 2 down 0.3 -> 0.2
+    assert attacks.largest_beta(clean, adv, d, 0.3) == pytest.approx(0.2)
+    # a pixel at the budget with the direction pointing out pins beta to 0
+    assert attacks.largest_beta(clean, adv, d, 0.1) == 0.0
+    # the range [0, 1] binds before the ball: x' = 0.95 may go up 0.05 only
+    top = torch.full((1, 1, 2, 2), 0.95)
+    assert attacks.largest_beta(top, top, torch.ones_like(top), 0.3) == pytest.approx(0.05)
+    with pytest.raises(normalization.PixelInputError, match="same shape"):
+        attacks.largest_beta(clean, adv, d[0], 0.3)
+
+
+def test_twin_study_over_a_set() -> None:
+    model = normalization.PixelSpace(_patch_classifier())
+    images = _images(n=5)
+    labels = model(images).argmax(1).detach()
+    labels[0] = (labels[0] + 1) % 5  # the model is wrong on input 0: not attacked, no twins
+    study = attacks.pgd_twin_study(
+        model, images, labels, eps=0.2, alpha=0.05, steps=3, random_start=False, n_twins=6, seed=0
+    )
+    assert study.n_inputs == 5 and study.correct[0] is False and study.fooled[0] is False
+    assert study.reach == pytest.approx(0.15) and study.fooling.n == 4
+    assert all(r["index"] != 0 for r in study.reports) and len(study.reports) == sum(study.fooled)
+    assert study.kept.n == 6 * len(study.reports) and study.kept.k == study.kept.n
+    assert study.spread("max_linf_to_clean").worst <= 0.2 + 1e-6 and study.spread("reach").worst <= 0.15 + 1e-6
+    assert study.spread("outside_unit_range").worst == 0.0 and study.distinct_share.worst == 1.0
+    assert study.kept_after_png.n == study.kept.n and study.adversarial_png.n == len(study.reports)
+    assert study.collapsed.k == 0 and study.example is not None and study.example.twins.images.shape[0] == 6
+    summary = study.summary()
+    assert summary["inputs"] == 5 and summary["eps"] == 0.2 and "after PNG" in summary
+    # an attack that changes nothing fools nobody: no twins, and the rates say so
+    idle = attacks.twin_study(model, images, images.clone(), eps=0.2, n_twins=2, labels=labels)
+    assert idle.fooling.k == 0 and idle.summary() == {"inputs": 5, "fooled": idle.fooling.text()}
+    with pytest.raises(ValueError, match="fooled none"):
+        _ = idle.kept
+
+
+def test_png_predictions_see_the_quantised_image() -> None:
+    seg = _threshold_segmenter()
+    x = torch.full((1, 1, 4, 4), 0.5 + 1e-4)  # just above the threshold: 8 bits round it to 128/255 > 0.5
+    assert attacks.png_predictions(seg, x).shape == (1, 4, 4)
+    below = torch.full((1, 1, 4, 4), 0.5 - 3e-3)  # rounds to 127/255 < 0.5: still background
+    assert attacks.png_predictions(seg, below).eq(0).all() and attacks.png_predictions(seg, x).eq(1).all()
+
+
+def test_imagenet_inputs_adds_flips_to_reach_the_minimum() -> None:
+    names, pixels = attacks.imagenet_inputs(32, minimum=21)
+    assert len(names) == 21 == pixels.shape[0] and pixels.shape[1:] == (3, 32, 32)
+    flipped = [n for n in names if n.endswith("(flipped)")]
+    assert len(flipped) == 21 - len(photos.NATURAL_IMAGES)
+    assert torch.equal(pixels[len(photos.NATURAL_IMAGES)], pixels[0].flip(-1))
+
+
+def test_asma_batch_matches_asma_on_one_image_and_runs_a_batch() -> None:
+    seg = _threshold_segmenter()
+    x = _images(n=3, c=1, size=8)
+    targets = torch.stack([attacks.square_target(8, 1)] * 3)
+    single = attacks.asma(seg, x[:1], targets[0], iterations=6, tau=1e-2, beta=1e-1, eps=0.2, stop_iou=None)
+    batch = attacks.asma_batch(seg, x, targets, iterations=6, tau=1e-2, beta=1e-1, eps=0.2, stop_iou=None)
+    assert torch.allclose(batch.adversarial[:1], single.adversarial, atol=1e-6)
+    assert batch.iou_start[0] == pytest.approx(single.iou[0]) and batch.iou_end[0] == pytest.approx(single.final_iou)
+    assert (batch.adversarial - x).abs().max() <= 0.2 + 1e-6 and batch.masks.shape == (3, 8, 8)
+    assert batch.summary()["images"] == 3 and batch.summary()["IoU end (mean)"] > batch.summary()["IoU start (mean)"]
+    with pytest.raises(normalization.PixelInputError, match="targets"):
+        attacks.asma_batch(seg, x, targets[:2], iterations=1)
+
+
+def test_tiled_twin_study_on_an_overlapping_conv() -> None:
+    torch.manual_seed(0)
+    seg = normalization.PixelSpace(
+        nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.Upsample(scale_factor=2)).eval()
+    )
+    x = _images(n=2, c=1, size=8)
+    rows = attacks.tiled_twin_study(seg, x, x.clone(), eps=0.05, seed=0)
+    assert len(rows) == 2 and all(r["linf_to_clean"] <= 0.05 + 1e-6 and r["outside_unit_range"] == 0 for r in rows)
+    assert all({"first_layer_rel", "beta", "same_mask", "same_mask_after_png"} <= set(r) for r in rows)
 
 
 def test_asma_summary_square_target_and_mask_figure() -> None:
@@ -179,66 +259,130 @@ def test_asma_summary_square_target_and_mask_figure() -> None:
         attacks.square_target(3, 1)
 
 
-def _report(n: int = 100, **changes: object) -> dict:
+def _rep(n: int = 10, **changes: object) -> dict:
     base = {
         "n": n,
         "distinct": n,
         "keep_adversarial_prediction": n,
-        "adversarial_differs_from_clean": True,
-        "max_rel_output_change": 1e-7,
+        "keep_after_png": n,
+        "adversarial_survives_png": True,
         "max_linf_to_clean": 0.3,
-        "within_eps": True,
-        "in_range": True,
+        "outside_unit_range": 0.0,
+        "max_rel_output_change": 1e-7,
+        "reach": 0.2,
+        "saturated_pixels": 0.0,
+        "linf_after_png": 0.3,
+        "largest_tiled_beta": 0.0,
     }
     return {**base, **changes}
 
 
+def _study(reports: list | None = None, eps: float = 0.3, reach: float = 0.2, inputs: int = 20) -> attacks.TwinStudy:
+    reports = [_rep() for _ in range(inputs)] if reports is None else reports
+    fooled = [True] * len(reports) + [False] * (inputs - len(reports))
+    return attacks.TwinStudy(eps, [True] * inputs, fooled, reports, None, reach=reach)
+
+
+def _mobilenet(**changes: object) -> list[dict]:
+    row = {"first_layer_rel": 0.02, "beta": 0.05, "linf_to_clean": 8 / 255, "outside_unit_range": 0.0}
+    return [{**row, "same_mask": True, "same_mask_after_png": True, **changes} for _ in range(20)]
+
+
 def _fig3(**changes: object) -> attacks.Fig3Results:
-    values = {
-        "mnist": {("patch", 0.3): _report(distinct=1), ("patch", 0.2): _report(), ("mlp", 0.2): _report()},
-        "mnist_eps": 0.3,
-        "mnist_pgd_eps": 0.2,
+    values: dict = {
+        "mnist": {"patch": _study(), "mlp": _study()},
+        "mnist_whole": {"patch": _study([_rep(5, distinct=1)] * 20, reach=0.3)},
+        "imagenet": _study(eps=8 / 255, reach=4 / 255, reports=[_rep(max_linf_to_clean=0.03, reach=0.015)] * 20),
         "model": "deit_tiny_patch16_224",
-        "classification": _report(8),
-        "imagenet_eps": 8 / 255,
-        "asma_iou": (0.1, 0.8),
-        "segmenter": _report(),
-        "mobilenet": {"linf_to_clean": 8 / 255, "first_layer_rel": 0.04},
-        "benchmark": {"MNIST patch": {"n": 100, "seconds_colliding": 0.1, "seconds_pgd_loop": 2.0, "speedup": 20.0}},
+        "model_weights": "random",
+        "is_paper_model": False,
+        "segmenter": _study(reach=0.3),
+        "asma": attacks.ASMABatch(torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4), [0.1, 0.2], [0.5, 0.6]),
+        "mobilenet": _mobilenet(),
+        "mobilenet_eps": 8 / 255,
+        "mobilenet_weights": "random",
+        "mobilenet_trained": False,
+        "benchmark": [{"n": 100, "speedup": 30.0, "extrapolated": False}] * 3,
     }
     return attacks.Fig3Results(**{**values, **changes})
 
 
-def test_fig3_requirements_pass_and_fail() -> None:
-    good = attacks.fig3_requirements(_fig3())
-    assert list(good) == ["classification", "mnist", "segmenter", "mobilenet"]
-    assert all(r.ok for group in good.values() for r in group)
-    assert [len(group) for group in good.values()] == [2, 6 + 4 + 1, 2, 1]
-    bad = _fig3(
-        mnist={("patch", 0.2): _report(within_eps=False), ("mlp", 0.2): _report(distinct=40)},
-        classification=_report(8, keep_adversarial_prediction=7),
-        asma_iou=(0.5, 0.4),
-        segmenter=_report(within_eps=False),
-        mobilenet={"linf_to_clean": 0.05, "first_layer_rel": 0.04},
-        benchmark={"MNIST patch": {"n": 100, "seconds_colliding": 3.0, "seconds_pgd_loop": 2.0, "speedup": 0.7}},
+def _statuses(r: attacks.Fig3Results) -> dict[str, str]:
+    from helpers.book import results
+
+    claims = attacks.fig3_claims(r, "same prediction", ("ViT-B", "MobileNet-V3"))
+    assert all("status" not in c for c in claims)
+    return {c["id"]: results.judge(**c).status for c in claims}
+
+
+def test_fig3_claims_are_judged_by_their_criteria() -> None:
+    good = _statuses(_fig3())
+    assert good == {
+        "fig3.pgd_twins_keep_prediction_vitb": verdict.NOT_CHECKABLE,  # DeiT-Tiny measured, ViT-B needed
+        "fig3.pgd_twins_mnist": verdict.REPRODUCED,
+        "fig3.pgd_twins_beyond_vitb": verdict.BEYOND_HOLDS,
+        "fig3.twins_are_numerous": verdict.REPRODUCED,
+        "fig3.whole_budget_leaves_no_room": verdict.BEYOND_HOLDS,
+        "fig3.twins_survive_png": verdict.BEYOND_HOLDS,
+        "fig3.asma_twins_mnist": verdict.REPRODUCED,
+        "fig3.asma_twins_mobilenet": verdict.DIFFERS,  # 0.02 > round-off
+        "fig3.asma_mask_mobilenet": verdict.NOT_CHECKABLE,
+        "fig3.twins_cheaper_than_pgd": verdict.BEYOND_HOLDS,
+    }
+    # the same claims on measurements that violate each criterion
+    one_lost = [_rep(keep_adversarial_prediction=9)] + [_rep()] * 19
+    bad = _statuses(
+        _fig3(
+            mnist={"patch": _study(one_lost), "mlp": _study([_rep(distinct=3)] * 20)},
+            mnist_whole={"patch": _study([_rep(5, distinct=2)] + [_rep(5, distinct=1)] * 19, reach=0.3)},
+            segmenter=_study([_rep(keep_after_png=4)] * 20, reach=0.3),
+            mobilenet=_mobilenet(first_layer_rel=1e-7, same_mask=False),
+            mobilenet_trained=True,
+            is_paper_model=True,
+            benchmark=[{"n": 100, "speedup": 0.8, "extrapolated": True}],
+        )
     )
-    failed = [r.what for group in attacks.fig3_requirements(bad).values() for r in group if not r.ok]
-    assert failed == [
-        "deit_tiny_patch16_224: every twin within 8/255, in range, distinct, same prediction",
-        "MNIST patch (PGD 0.2): twins within eps and in [0, 1]",
-        "MNIST mlp: >= 100 distinct colliding adversarial examples",
-        "100 twins are cheaper than 100 PGD runs (MNIST patch)",
-        "ASMA raises the IoU with the target (MNIST segmenter)",
-        "MNIST segmenter: every twin keeps the ASMA mask exactly, within eps",
-        "MobileNet-V3 tiled twin within budget",
-    ]
+    assert bad["fig3.pgd_twins_mnist"] == verdict.DIFFERS
+    assert bad["fig3.twins_are_numerous"] == verdict.DIFFERS
+    assert bad["fig3.whole_budget_leaves_no_room"] == verdict.BEYOND_FAILS
+    assert bad["fig3.twins_survive_png"] == verdict.BEYOND_FAILS
+    assert bad["fig3.asma_twins_mobilenet"] == verdict.REPRODUCED  # exact to round-off would reproduce it
+    assert bad["fig3.asma_mask_mobilenet"] == verdict.DIFFERS  # decided once the weights are trained
+    assert bad["fig3.pgd_twins_keep_prediction_vitb"] == verdict.REPRODUCED  # ViT-B, trained, all kept
+    assert bad["fig3.twins_cheaper_than_pgd"] == verdict.BEYOND_FAILS
 
 
-def test_fig3_table_and_extra() -> None:
-    r = _fig3()
-    rows = attacks.fig3_paper_vs_ours(r, "ViT-B", "MobileNet-V3")
-    assert [row["paper"] for row in rows] == ["ViT-B", "—", "MobileNet-V3", "—"]
-    assert rows[0]["ours"] == "deit_tiny_patch16_224: 8/8 within 8/255" and rows[1]["ours"] == "100/100, 100/100"
-    extra = r.extra()
-    assert list(extra) == ["mnist", "classification", "mnist_segmenter", "asma_mnist_iou", "mobilenet", "benchmark"]
-    assert list(extra["mnist"]) == ["patch@0.3", "patch@0.2", "mlp@0.2"] and extra["asma_mnist_iou"] == [0.1, 0.8]
+def test_fig3_mobilenet_claims_leave_out_pinned_photos() -> None:
+    rows = _mobilenet()
+    rows[0] = {**rows[0], "beta": 0.0, "first_layer_rel": 0.0}  # the twin is x' itself: no evidence either way
+    claims = {c["id"]: c for c in attacks.fig3_claims(_fig3(mobilenet=rows), "p", ("ViT-B", "MobileNet-V3"))}
+    assert claims["fig3.asma_twins_mobilenet"]["measured"].n == 19
+    assert "1 photo(s) left out" in claims["fig3.asma_twins_mobilenet"]["reason"]
+
+
+def test_fig3_checks_pass_and_each_fails_on_a_violating_input() -> None:
+    assert all(r.ok for r in attacks.fig3_checks(_fig3()))
+    violations = {
+        "stays within its reach": _fig3(mnist={"patch": _study([_rep(reach=0.25)] * 20), "mlp": _study()}),
+        "every twin within the attack's eps": _fig3(
+            mnist={"patch": _study([_rep(max_linf_to_clean=0.31)] * 20), "mlp": _study()}
+        ),
+        "and in [0, 1]": _fig3(segmenter=_study([_rep(outside_unit_range=0.01)] * 20, reach=0.3)),
+        "to round-off": _fig3(mnist={"patch": _study(), "mlp": _study([_rep(max_rel_output_change=1e-2)] * 20)}),
+        "raises the mean IoU": _fig3(asma=attacks.ASMABatch(torch.zeros(1), torch.zeros(1), [0.5], [0.4])),
+        "tiled twins within eps": _fig3(mobilenet=_mobilenet(linf_to_clean=0.05)),
+        "fools at least one input": _fig3(mnist={"patch": _study([], inputs=20), "mlp": _study()}),
+    }
+    for what, r in violations.items():
+        failed = [req.what for req in attacks.fig3_checks(r) if not req.ok]
+        assert len(failed) == 1 and what in failed[0], (what, failed)
+
+
+def test_fig3_extra_is_plain_data() -> None:
+    import json
+
+    extra = _fig3().extra()
+    assert list(extra) == ["studies", "whole_budget", "asma_mnist", "mobilenet", "benchmark"]
+    assert list(extra["studies"]) == ["MNIST patch", "MNIST mlp", "deit_tiny_patch16_224", "MNIST segmenter (ASMA)"]
+    json.dumps(extra)
+    assert isinstance(stats.Rate(1, 2).text(), str)

@@ -130,7 +130,10 @@ def fake_book(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Pa
         device="cpu",
     )
     results.save(
-        "b", [results.judge("b.1", "two colliding images", verdict.equals(2, "images"), paper=2, ours=2)], quick=True, device="cpu"
+        "b",
+        [results.judge("b.1", "two colliding images", verdict.equals(2, "images"), paper=2, ours=2)],
+        quick=True,
+        device="cpu",
     )
     return out, outputs
 
@@ -170,3 +173,12 @@ def test_stage_starts_from_scratch_and_needs_every_page(fake_book: tuple[Path, P
     (out / "executed" / "b.ipynb").unlink()
     with pytest.raises(SystemExit, match="missing page for toc entry 'chapters/b'"):
         pipeline.stage(out, outputs)
+
+
+def test_missing_glue_is_caught() -> None:
+    log = (
+        "reading sources...\n/src/chapters/a.ipynb:10004: WARNING: No key 'r' found in glue data for this document. "
+        "(use `path::key`, to glue from another document) [mystnb.glue]\nbuild succeeded, 1 warning.\n"
+    )
+    assert pipeline.missing_glue(log) == [log.splitlines()[1].strip()]
+    assert pipeline.missing_glue("build succeeded.\n") == []

@@ -175,7 +175,7 @@ def test_attacks_polytope_gauge_parse_to_their_commands() -> None:
     parser = cli.build_parser()
     args = parser.parse_args(["attacks", "deit_tiny_patch16_224", "--eps", "4/255", "--n", "3", "--steps", "2"])
     assert args.func is cli._attacks_command and args.model == "deit_tiny_patch16_224"
-    assert (args.eps, args.pgd_eps, args.n, args.steps, args.size) == ("4/255", None, 3, 2, 224)
+    assert (args.eps, args.reach, args.n, args.steps, args.size) == ("4/255", 0.5, 3, 2, 224)
     assert (args.weights, args.device, args.json) == ("auto", "auto", False)
     args = parser.parse_args(["polytope", "mnist_mlp_2x256", "--target", "3", "--vertices", "2", "--json"])
     assert args.func is cli._polytope_command and (args.target, args.start, args.vertices) == (3, None, 2)

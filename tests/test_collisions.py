@@ -264,10 +264,10 @@ def test_residual_curves_round_off_on_patches_geometric_on_overlaps() -> None:
     assert max(curves[("patch", "float32")]) < 1e-4 and max(curves[("patch", "float64")]) < 1e-12
     c32, c64 = curves[("overlap", "float32")], curves[("overlap", "float64")]
     assert min(c64) > 1e-6 and c32[-1] == pytest.approx(c64[-1], rel=1e-3) and c64[1] > c64[0]
-    requirements = collisions.sec6_requirements(curves, exact=["patch"], geometric=["overlap"])
-    assert all(r.ok for r in requirements) and len(requirements) == 2
-    swapped = collisions.sec6_requirements(curves, exact=["overlap"], geometric=["patch"])
-    assert not any(r.ok for r in swapped)  # the violating assignment fails both rules
+    requirements = collisions.sec6_requirements(curves, exact=["patch"])
+    assert all(r.ok for r in requirements) and len(requirements) == 1
+    swapped = collisions.sec6_requirements(curves, exact=["overlap"])
+    assert not any(r.ok for r in swapped)  # an overlapping conv is not at round-off: the check fails
     rows = collisions.curve_rows(curves, betas)
     assert rows[0] == {"layer": "patch", "dtype": "float32", "beta=0.1": curves[("patch", "float32")][0],
                        "beta=10": curves[("patch", "float32")][1]}  # fmt: skip
@@ -280,7 +280,9 @@ def test_kernel_precision_rows() -> None:
     layers = {"wide": _seeded(nn.Linear(6, 2)), "square": _seeded(nn.Linear(3, 3))}
     wide, square = collisions.kernel_precision_rows(layers)
     assert wide["W1"] == "(2, 6)" and wide["float64"] < 1e-14 and wide["max abs W1 phi, float32"] < 1e-5
-    assert square == {"layer": "square", "W1": "trivial kernel", "max abs W1 phi, float32": None, "float64": None}
+    assert wide["kernel vectors"] == 4
+    assert square == {"layer": "square", "W1": "trivial kernel", "kernel vectors": 0,
+                      "max abs W1 phi, float32": None, "float64": None}  # fmt: skip
 
 
 # --- MNIST: exact collisions of trained models ----------------------------------------------------------------------
@@ -305,13 +307,10 @@ def test_exact_collisions_confidence_and_rules() -> None:
     assert max(gaps.values()) < 1e-5
     p, y = collisions.confidence(models["a"], x)
     assert p.shape == y.shape == (3,) and ((p > 1 / 3) & (p <= 1)).all()
-    leak = {"first_layer_rel": 0.1}
-    assert all(r.ok for r in collisions.exact_collision_requirements(exact.residuals, gaps, leak))
-    broken = collisions.exact_collision_requirements(exact.residuals, {"a": 0.5, "b": 0.0}, {"first_layer_rel": 0.0})
-    assert [r.what for r in broken if not r.ok] == [
-        "a: same confidence",
-        "cnn: the tiled phi leaks (overlapping windows)",
-    ]
+    assert all(r.ok for r in collisions.exact_collision_requirements(exact.residuals, list(models)))
+    broken = {**exact.residuals, "b, float64": {**exact.residuals["b, float64"], "first_layer_rel": 1e-9}}
+    failed = [r.what for r in collisions.exact_collision_requirements(broken, list(models)) if not r.ok]
+    assert failed == ["b: first-layer residual at round-off (float32 < 1e-05, float64 < 1e-12)"]
     with pytest.raises(ValueError, match="same shape"):
         collisions.confidence_gap(models["a"], x, x[:2])
     injective = {"c": nn.Sequential(nn.Conv2d(1, 4, 2, stride=2), nn.Flatten()).eval()}  # 4 x 4: no null direction

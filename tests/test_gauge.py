@@ -12,7 +12,8 @@ from scipy import stats
 from torch import nn
 
 from helpers import cli
-from helpers.book import results
+from helpers.book import results, verdict
+from helpers.data import photos
 from helpers.experiments import gauge
 from helpers.models import train
 from tests.conftest import needs_mnist
@@ -153,8 +154,9 @@ def test_one_tiny_sweep_point_end_to_end(tmp_path, monkeypatch) -> None:
     assert row["eval_clean_acc"] == 0 or row["median_l2"] > 0  # the median runs over correctly classified digits
     assert 0 < row["nu_over_n"] <= 1 and 0 <= row["mu_over_n"] <= 1
     must_hold = gauge.sweep_invariants([row], ["patch"], epochs=1, train_size=512)
-    assert must_hold[0][0] and not must_hold[1][0]  # nullity(W1) = p - q, but one width does not sweep to 0
-    assert must_hold[2][0] and "reloaded" in must_hold[2][1]  # a fresh audit of the cached model agrees
+    assert must_hold[0][0] and must_hold[1][0]  # the audit agrees with the SVD and with rank-nullity
+    assert not must_hold[2][0]  # one width does not sweep nullity(W1) to 0
+    assert must_hold[3][0] and "reloaded" in must_hold[3][1]  # a fresh audit of the cached model agrees
     fab = gauge.fab_step_check([row], settings, 1, 512, family="patch")  # the model comes back from the cache
     assert (fab["width"], fab["steps"]) == (8, 3)
     if math.isnan(row["median_l2"]):  # no correctly classified digit: the reloaded model has none either
@@ -175,24 +177,46 @@ def test_imagenet_path_normalises_pixels_and_keeps_clean_predictions_at_zero_bud
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.Flatten(), nn.Linear(4 * 4 * 4, 10)).eval()
     pixels = torch.rand(3, 3, 32, 32)
-    assert gauge.imagenet_robust_agreement(net, pixels, 0.0) == 1.0
-    assert 0 <= gauge.imagenet_robust_agreement(net, pixels, 0.05, steps=3) <= 1
+    clean = gauge.imagenet_robust_agreement(net, pixels, 0.0)
+    assert (clean.k, clean.n) == (3, 3)
+    attacked = gauge.imagenet_robust_agreement(net, pixels, 0.05, steps=3)
+    assert attacked.n == 3 and 0 <= attacked.k <= 3
     assert gauge.imagenet_input_size(net, "inception_v3") == 299 and gauge.imagenet_input_size(net, "alexnet") == 224
+
+
+def test_imagenet_row_runs_over_the_natural_photo_set_with_intervals() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 16, stride=16), nn.Flatten(), nn.Linear(4 * 14 * 14, 10)).eval()
+    names = photos.NATURAL_IMAGES[:3]
+    row = gauge.imagenet_row("tiny", net, names, (0.0,), 1, torch.device("cpu"), with_audit=False)
+    assert row["images"] == 3 and row[gauge.pgd_column(0.0)] == 1.0
+    assert row[gauge.agreement_column(0.0)].startswith("3/3 (100%, 95% CI [")
+    assert gauge.imagenet_columns((0.0,))[-1] == gauge.agreement_column(0.0)
 
 
 def _corr(rho: float, lo: float, hi: float) -> gauge.Correlation:
     return gauge.Correlation(rho, lo, hi, n=12, groups=6)
 
 
+BELOW, ACROSS, ABOVE = _corr(-0.8, -0.95, -0.4), _corr(-0.5, -0.9, 0.1), _corr(0.7, 0.4, 0.9)
+UNDEFINED = _corr(math.nan, math.nan, math.nan)
+
+
 def test_supports_h_needs_both_intervals_below_zero() -> None:
-    below, straddles = _corr(-0.8, -0.95, -0.4), _corr(-0.5, -0.9, 0.1)
-    assert gauge.supports_h(below, below)
-    assert not gauge.supports_h(below, straddles)  # the parameter count explains it
-    assert not gauge.supports_h(straddles, below)
-    assert not gauge.supports_h(_corr(0.7, 0.4, 0.9), below)  # the opposite direction
-    assert not gauge.supports_h(below, None)  # no partial correlation (the metric is the control)
-    assert not gauge.supports_h(_corr(math.nan, math.nan, math.nan), below)  # a constant metric gauges nothing
-    assert not gauge.supports_h(_corr(-0.5, -0.9, 0.0), below)  # an interval touching 0 is not below it
+    assert gauge.supports_h(BELOW, BELOW)
+    assert not gauge.supports_h(BELOW, ACROSS)  # the parameter count explains it
+    assert not gauge.supports_h(ACROSS, BELOW)
+    assert not gauge.supports_h(ABOVE, BELOW)  # the opposite direction
+    assert not gauge.supports_h(BELOW, None)  # no partial correlation (the metric is the control)
+    assert not gauge.supports_h(UNDEFINED, BELOW)  # a constant metric gauges nothing
+    assert not gauge.supports_h(_corr(-0.5, -0.9, 0.0), BELOW)  # an interval touching 0 is not below it
+    assert [gauge.trend(c) for c in (BELOW, ACROSS, ABOVE, UNDEFINED, None)] == [
+        "below",
+        "across",
+        "above",
+        "undefined",
+        "undefined",
+    ]
 
 
 def _table(pooled: gauge.Correlation, partial: gauge.Correlation | None, metric: str = "nullity_w1") -> list[dict]:
@@ -204,50 +228,118 @@ def _table(pooled: gauge.Correlation, partial: gauge.Correlation | None, metric:
             "given clean_acc": pooled,
             "given log10_params": partial,
             "mlp": _corr(-1, -1, -1),
-            "cnn": _corr(math.nan, math.nan, math.nan),
+            "cnn": UNDEFINED,
         }
     ]
 
 
-def test_verdict_applies_the_rule_and_names_missing_metrics() -> None:
-    below = _corr(-0.8, -0.95, -0.4)
-    ok, text = gauge.verdict(_table(below, below), "nullity_w1", ["mlp", "cnn"])
-    assert ok and text == (
+def test_evidence_reads_the_table_and_names_missing_metrics() -> None:
+    e = gauge.evidence(_table(BELOW, BELOW), "nullity_w1", ["mlp", "cnn"])
+    assert e.metrics == ("nullity_w1",) and e.pooled is BELOW and e.partial is BELOW and e.given_accuracy is BELOW
+    assert e.text() == (
         "ρ(median ℓ2) = -0.80 [-0.95, -0.40], given log #params -0.80 [-0.95, -0.40]; "
         "mlp: -1.00 [-1.00, -1.00]; cnn: undefined (constant)"
     )
-    ok, text = gauge.verdict(_table(below, None), "nullity_w1", ["mlp"])
-    assert not ok and "given log #params —" in text
-    assert not gauge.verdict(_table(below, _corr(-0.2, -0.6, 0.3)), "nullity_w1", [])[0]
+    assert "given log #params —" in gauge.evidence(_table(BELOW, None), "nullity_w1", ["mlp"]).text()
     with pytest.raises(KeyError, match="no correlation of 'sum_nullity'.*valid: nullity_w1"):
-        gauge.verdict(_table(below, below), "sum_nullity", [])
-    both = gauge.verdicts(_table(below, below) + _table(below, None, "mu_over_n"), ["mlp"], ["nullity_w1", "mu_over_n"])
-    assert [ok for ok, _ in both.values()] == [True, False]
-    assert gauge.pooled_correlations(_table(below, None), "median_l2", ["nullity_w1"]) == {"nullity_w1": below}
+        gauge.evidence(_table(BELOW, BELOW), "sum_nullity", [])
+    table = _table(BELOW, BELOW) + _table(ACROSS, None, "nu_over_n")
+    both = gauge.evidences(table, [("nullity_w1",), ("nu_over_n", "mu_over_n")], ["mlp"])
+    assert [x.label for x in both] == ["nullity(W1)", "ν/n = μ/n"]
+    assert gauge.pooled_correlations(_table(BELOW, None), "median_l2", ["nullity_w1"]) == {"nullity_w1": BELOW}
 
 
-def test_imagenet_rule_and_claims() -> None:
-    below, above = _corr(-0.8, -0.95, -0.4), _corr(0.2, -0.3, 0.6)
-    assert gauge.imagenet_supports_h({"nu_over_n": below, "mu_over_n": below})
-    assert not gauge.imagenet_supports_h({"nu_over_n": below, "mu_over_n": above})
-    assert not gauge.imagenet_supports_h({})  # nothing measured supports nothing
+def test_metric_groups_merge_only_metrics_equal_in_every_model() -> None:
+    rows = [
+        _sweep_row("mlp", 8, 776, nu_over_n=1.0, mu_over_n=1.0),
+        _sweep_row("mlp", 1024, 0, nu_over_n=0.5, mu_over_n=0.5),
+    ]
+    rows = [{**r, "sum_nullity": 774 + i} for i, r in enumerate(rows)]
+    assert gauge.metric_groups(rows) == [("nullity_w1",), ("sum_nullity",), ("nu_over_n", "mu_over_n")]
+    one_differs = [rows[0], {**rows[1], "mu_over_n": 1.0}]
+    assert gauge.metric_groups(one_differs) == [("nullity_w1",), ("sum_nullity",), ("nu_over_n",), ("mu_over_n",)]
+    assert gauge.identity_text(rows).startswith("ν/n and μ/n are equal in all 2 models")
+    assert (
+        gauge.identity_text(one_differs)
+        == "ν/n and μ/n differ in 1 of 2 models, so they are judged as separate metrics"
+    )
+
+
+def _evidence(pooled, partial, accuracy=None, metrics=("nullity_w1",)) -> gauge.Evidence:
+    return gauge.Evidence(tuple(metrics), "median_l2", pooled, partial, accuracy, {"mlp": pooled})
+
+
+def test_claims_carry_criteria_and_the_rule_decides_them() -> None:
     rows = [_sweep_row("mlp", 8, 776), _sweep_row("mlp", 1024, 0)]
-    verdicts = {"nullity_w1": (True, "t1"), "sum_nullity": (False, "t2")}
-    claims = gauge.gauge_claims(rows, verdicts, None, imagenet_weights="random")
-    assert [c["id"] for c in claims] == [
-        "10.nullity_w1_width_sweep",
+    full = [_sweep_row(f, w, 0) for f, ws in gauge.SWEEP_FULL.items() for w in ws]
+    meets, misses = _evidence(BELOW, BELOW), _evidence(BELOW, ACROSS, metrics=("nu_over_n", "mu_over_n"))
+    claims = gauge.gauge_claims(full, [meets, misses], None, imagenet_trained=False, imagenet_weights="random")
+    assert [c.id for c in claims] == [
+        "10.w1_full_rank",
         "10.gauge.nullity_w1",
-        "10.gauge.sum_nullity",
+        "10.gauge.nu_over_n+mu_over_n",
         "10.gauge.imagenet",
     ]
-    statuses = [c["status"] for c in claims]
-    assert statuses == [results.REPRODUCED, results.SUPPORTED, results.NOT_SUPPORTED, results.NOT_CHECKABLE]
-    assert all(results.Claim(**c) for c in claims) and claims[3]["ours"] is None
-    measured = gauge.gauge_claims(rows, {}, {"nu_over_n": above}, imagenet_weights="pretrained")
-    assert measured[-1]["status"] == results.NOT_SUPPORTED and measured[-1]["ours"].startswith("nu_over_n: +0.20")
-    broken = [{**rows[0], "svd_nullity_w1": 775}, rows[1]]
-    assert gauge.gauge_claims(broken, {}, None, "random")[0]["status"] == results.DIFFERS
-    assert gauge.w1_mismatches(broken) == [broken[0]]
+    ok, no = verdict.OUTCOMES["open question"]
+    assert [c.status for c in claims] == [verdict.BEYOND_HOLDS, ok, no, verdict.NOT_CHECKABLE]
+    assert claims[1].criterion == gauge.H_RULE and claims[3].ours is None and claims[1].budget.startswith("18 of")
+    assert "judged once" in claims[2].description and claims[2].reason.endswith("given log #params: contains 0")
+    small = gauge.gauge_claims(rows, [meets], None, imagenet_trained=False, imagenet_weights="random")
+    assert small[1].status == verdict.BELOW_BUDGET  # 1 width configuration of the full sweep's 18
+    measured = gauge.gauge_claims(full, [], {"nu_over_n": ABOVE}, imagenet_trained=True, imagenet_weights="pretrained")
+    assert measured[-1].status == no and measured[-1].ours.startswith("nu_over_n: +0.70")
+    assert (
+        gauge.gauge_claims(full, [], {"nu_over_n": BELOW}, imagenet_trained=True, imagenet_weights="p")[-1].status == ok
+    )
+    rank_deficient = [{**full[0], "nullity_w1": 777}, *full[1:]]
+    assert gauge.gauge_claims(rank_deficient, [], None, imagenet_trained=False, imagenet_weights="r")[0].status == (
+        verdict.BEYOND_FAILS
+    )
+    assert gauge.full_rank_rate(rank_deficient).k == len(full) - 1
+
+
+def test_imagenet_rule() -> None:
+    assert gauge.imagenet_supports_h({"nu_over_n": BELOW, "mu_over_n": BELOW})
+    assert not gauge.imagenet_supports_h({"nu_over_n": BELOW, "mu_over_n": ACROSS})
+    assert not gauge.imagenet_supports_h({"nu_over_n": BELOW, "mu_over_n": UNDEFINED})
+    assert not gauge.imagenet_supports_h({})  # nothing measured supports nothing
+    assert not gauge.imagenet_supports_h(None)
+
+
+def test_prose_follows_the_measurement_both_ways() -> None:
+    meets, misses = _evidence(BELOW, BELOW, ACROSS), _evidence(ABOVE, ABOVE, ABOVE, metrics=("sum_nullity",))
+    assert gauge.headline([meets, misses]) == "In this run nullity(W1) meets the rule; Σ nullity(W_i) does not."
+    assert gauge.headline([misses]) == "In this run none of the Sec. 7 metrics meets the rule (Σ nullity(W_i) do not)."
+    assert gauge.headline([meets]) == "In this run every Sec. 7 metric meets the rule (nullity(W1))."
+    small = gauge.headline([meets], verdict.Budget(6, 18, "configurations"))
+    assert small.startswith("This sweep has 6 of the full sweep's 18 width configurations, too few")
+    reading = gauge.reading_markdown([meets, misses]).splitlines()
+    assert "**Meets the rule.**" in reading[0] and "accuracy can account for it" in reading[0]
+    assert "H's direction" in reading[0] and "against H" in reading[1] and "**Does not meet the rule.**" in reading[1]
+    accuracy_too = gauge.reading_markdown([_evidence(BELOW, BELOW, BELOW)])
+    assert "**Meets the rule.**" in accuracy_too and "accuracy can account" not in accuracy_too
+    across = gauge.reading_markdown([_evidence(ACROSS, None, None)])
+    assert "no clear correlation" in across and "— (the metric is the control)" in across
+    assert gauge.imagenet_text(None, 0).startswith("Not measured in this build")
+    assert "does not meet the rule" in gauge.imagenet_text({"nu_over_n": ACROSS}, 5)
+    assert "The set meets the rule" in gauge.imagenet_text({"nu_over_n": BELOW}, 5)
+    assert gauge.yardsticks_markdown(
+        [
+            {"risk": "median_l2", "metric": m, "pooled": c}
+            for m, c in (("width", ABOVE), ("log10_params", BELOW), ("clean_acc", ACROSS))
+        ]
+    ).splitlines() == [
+        "* first-layer width q: ρ = +0.70 [+0.40, +0.90]: more of it goes with more robustness",
+        "* log10(#parameters): ρ = -0.80 [-0.95, -0.40]: more of it goes with less robustness",
+        "* clean accuracy: ρ = -0.50 [-0.90, +0.10]: no clear correlation (the interval contains 0)",
+    ]
+
+
+def test_fab_text_says_whether_the_steps_are_enough() -> None:
+    fab = {"family": "mlp", "width": 128, "steps": 10, "median_l2": 1.0, "longer": 1.01, "change_pct": 1.0}
+    assert gauge.fab_text(fab).endswith("within ±5%: 10 steps are enough there")
+    assert "have not converged" in gauge.fab_text({**fab, "longer": 0.8, "change_pct": -20.0})
+    assert gauge.fab_text({**fab, "change_pct": math.nan}).startswith("could not be made")
 
 
 def _sweep_row(family: str, width: int, nullity: int, **extra) -> dict:
@@ -255,11 +347,15 @@ def _sweep_row(family: str, width: int, nullity: int, **extra) -> dict:
         "family": family,
         "width": width,
         "seed": 0,
+        "n": 2,
         "nullity_w1": nullity,
         "expected_nullity_w1": nullity,
         "svd_nullity_w1": nullity,
         "nu": 1 + (nullity > 0),
         "mu": 1 + (nullity > 0),
+        "nu_over_n": (1 + (nullity > 0)) / 2,
+        "mu_over_n": (1 + (nullity > 0)) / 2,
+        "sum_nullity": 774,
         "median_l2": 1.0 + width / 1e3,
         "fab_failures": 0,
         **extra,
@@ -269,16 +365,33 @@ def _sweep_row(family: str, width: int, nullity: int, **extra) -> dict:
 def test_sweep_invariants_pass_and_fail() -> None:
     good = [_sweep_row("mlp", 8, 776), _sweep_row("mlp", 128, 656), _sweep_row("mlp", 1024, 0)]
     must_hold = gauge.sweep_invariants(good, ["mlp"], reload=False)
-    assert [ok for ok, _, _ in must_hold] == [True, True, True, True] and must_hold[1][2] == "776 → 0"
-    not_to_zero = gauge.sweep_invariants(good[:2], ["mlp"], reload=False)
-    assert not not_to_zero[1][0]
+    assert [ok for ok, _, _ in must_hold] == [True, True, True, True] and must_hold[2][2] == "776 → 0"
+    assert not gauge.sweep_invariants(good[:2], ["mlp"], reload=False)[2][0]  # does not reach 0
     rising = [good[2], _sweep_row("mlp", 16, 900), good[0]]  # not decreasing with the width
-    assert not gauge.sweep_invariants([*rising[:1], *rising[1:]], ["mlp"], reload=False)[1][0]
-    odd = [*good[:2], {**good[2], "nu": 2, "median_l2": math.inf, "fab_failures": 3}]
-    oks = [ok for ok, _, _ in gauge.sweep_invariants(odd, ["mlp"], reload=False)]
-    assert oks == [True, True, False, False]  # nu != mu; FAB failed on more than half the digits
-    empty = gauge.sweep_invariants(good, ["cnn"], reload=False)[1]
+    assert not gauge.sweep_invariants(rising, ["mlp"], reload=False)[2][0]
+    svd_off = [{**good[0], "svd_nullity_w1": 775}, *good[1:]]  # the audit and the SVD disagree
+    assert [ok for ok, _, _ in gauge.sweep_invariants(svd_off, ["mlp"], reload=False)] == [False, True, True, True]
+    assert gauge.svd_mismatches(svd_off) == [svd_off[0]]
+    transposed = [{**good[0], "nullity_w1": 0, "svd_nullity_w1": 0}, *good[1:]]  # W1 read as (p, q): nullity q - q
+    oks = [ok for ok, _, _ in gauge.sweep_invariants(transposed, ["mlp"], reload=False)]
+    assert oks[1] is False and gauge.rank_nullity_violations(transposed) == [transposed[0]]
+    no_fab = [*good[:2], {**good[2], "median_l2": math.inf, "fab_failures": 3}]
+    assert [ok for ok, _, _ in gauge.sweep_invariants(no_fab, ["mlp"], reload=False)][-1] is False
+    empty = gauge.sweep_invariants(good, ["cnn"], reload=False)[2]
     assert not empty[0] and empty[2] == "no models"
+
+
+def test_reload_check_fails_when_the_table_and_a_fresh_audit_disagree(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = gauge.family_config("mlp", 8).build()
+    monkeypatch.setattr(gauge.train, "train_mnist", lambda *a, **k: SimpleNamespace(model=model))
+    row = {**_sweep_row("mlp", 8, 776), **gauge.audit_metrics(model), "median_l2": 1.0}
+    (ok,) = [ok for ok, what, _ in gauge.sweep_invariants([row], ["mlp"]) if "reloaded" in what]
+    assert ok
+    (ok,) = [
+        ok for ok, what, _ in gauge.sweep_invariants([{**row, "nu": row["nu"] + 1}], ["mlp"]) if "reloaded" in what
+    ]
+    assert not ok
 
 
 def test_tables_and_texts_of_the_chapter() -> None:
@@ -295,20 +408,41 @@ def test_tables_and_texts_of_the_chapter() -> None:
     assert labels[gauge.pgd_column(0.05)] == "PGD acc ε=0.05" and labels["nullity_w1"] == "nullity(W1)"
     run = [_sweep_row("mlp", 8, 776, from_cache=True, attack_seconds=2.0)] * 2
     assert gauge.describe_run(run) == "trained now: 0 of 2 models; attack time 4 s; FAB failures: 0"
-    rows = [_sweep_row("mlp", 8, 776), _sweep_row("mlp", 1024, 0)]
-    verdicts = {"nullity_w1": (False, "ρ = ...")}
-    pvo = gauge.paper_vs_ours(rows, verdicts, None)
-    assert [r["ours"] for r in pvo] == [
-        "2/2 models",
-        "does not support H: ρ = ...",
-        "not checkable with random weights",
+    rows = [_sweep_row("mlp", 8, 776), _sweep_row("mlp", 1024, 0), _sweep_row("cnn", 4, 12)]
+    pvo = gauge.paper_vs_ours(rows, [_evidence(ACROSS, ACROSS)], None)
+    assert [r["ours"][:22] for r in pvo] == [
+        "3/3 (100%, 95% CI [44%",
+        "does not meet H's rule",
+        "needs pretrained Image",
     ]
+    small = gauge.paper_vs_ours(rows, [_evidence(BELOW, BELOW)], None, gauge.sweep_budget(rows))
+    assert small[1]["ours"].startswith("sweep too small to decide; as measured, meets H's rule: ")
     assert gauge.correlation_records({"mu_over_n": _corr(0.1, -0.2, 0.4)})[0]["metric"] == "μ/n"
-    assert gauge.imagenet_columns((0.01,))[-1] == gauge.pgd_column(0.01)
+    numbers = gauge.sweep_numbers(rows, 1, None, settings)
+    assert numbers == {
+        "models": 3,
+        "configurations": 3,
+        "seeds": 1,
+        "epochs": 1,
+        "train_digits": 60000,
+        "eval_digits": settings.eval_size,
+        "clusters_min": 1,
+        "clusters_max": 2,
+    }
+    book = gauge.bookkeeping_markdown(rows).splitlines()
+    assert book[0] == (
+        "* `mlp` (q = 8 → 1024): nullity(W1) 776 → 0, Σ nullity 774 → 774; 2 weight matrices; ν/n takes 2 value(s): "
+        "0.50, 1.00"
+    )
     extra = gauge.results_extra(rows, [], settings, [], 1, None, (0,))
     assert extra["rows"] == rows and extra["settings"]["eval_size"] == settings.eval_size and extra["seeds"] == [0]
+    assert extra["metric_groups"][0] == ["nullity_w1"]
     with pytest.raises(ValueError, match="no 'cnn' rows"):
-        gauge.fab_step_check(rows, settings, 1, 300, family="cnn")
+        gauge.fab_step_check(rows[:2], settings, 1, 300, family="cnn")
+    assert (
+        gauge.sweep_budget(rows).below
+        and not gauge.sweep_budget([_sweep_row(f, w, 0) for f, ws in gauge.SWEEP_FULL.items() for w in ws]).below
+    )
 
 
 def test_imagenet_rows_keep_pretrained_models_and_forget_each() -> None:

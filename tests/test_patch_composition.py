@@ -77,26 +77,44 @@ def test_patch_figure_rows_mark_the_changed_tiles() -> None:
 
 def table_row(**changes: float) -> dict:
     """A ``polytope.table_row`` of a polytope that reproduces Li et al.'s Table 4 (override fields to break it)."""
-    row = {"same_class_pct": 100.0, "target_prob": 0.99, "sample_prob": 0.99, "image_distance": 37000.0}
-    row |= {"vertex_distance": 5000.0, "ratio_pct": 13.5, "vertex_eq_rel_max": 1e-3, "sample_act_rel_max": 1e-3}
+    row = {"same_class_pct": 100.0, "same_class_k": 2000, "n_samples": 2000, "target_prob": 0.99, "sample_prob": 0.99}
+    row |= {"image_distance": 37000.0, "vertex_distance": 5000.0, "ratio_pct": 13.5, "vertex_eq_rel_max": 1e-3}
+    row |= {"sample_act_rel_max": 1e-3, "png_same_class_k": 8, "png_n": 8, "png_act_rel_max": 2e-3}
     return row | changes
 
 
-def test_vgg_claims_reproduced_differs_and_not_checkable() -> None:
+def statuses(claims: list[dict], trained: bool = True) -> dict[str, str]:
+    return {c["id"]: results.judge(**c, trained=trained).status for c in claims}
+
+
+def test_vgg_claims_reproduced_differs_below_budget_and_not_checkable() -> None:
+    from helpers.book import verdict
+
     li = paper.get("li")
-    good = patch_composition.vgg_claims(li, table_row(), [table_row(), table_row()], True, "", 14, 1234)
+    good = patch_composition.vgg_claims(li, [table_row()] * 3, [table_row(), table_row()], 14, 1234, (500, 500))
     assert [c["id"] for c in good] == [
         "li.vgg16.same_class",
         "li.vgg16.confidence",
         "li.vgg16.distance_ratio",
+        "li.vgg16.fc6_collision",
         "li.patches.same_class",
+        "li.vgg16.png_round_trip",
     ]
-    assert all(c["status"] == results.REPRODUCED for c in good)
-    assert good[2]["reason"] == "image distance from 14 sample images, not ImageNet" and good[2]["paper"] == "12-24"
-    assert good[3]["reason"] == "1,234 patches from sample images, exact k-NN" and good[0]["reason"] == ""
-    pixel = table_row(same_class_pct=98.5, sample_prob=0.5, ratio_pct=30.0)
-    bad = patch_composition.vgg_claims(li, pixel, [table_row(), table_row(same_class_pct=97.0)], True, "budget", 14, 10)
-    assert all(c["status"] == results.DIFFERS for c in bad)
-    assert bad[3]["ours"] == 97.0 and bad[3]["reason"].startswith("budget; 10 patches")
-    random = patch_composition.vgg_claims(li, table_row(), [table_row()] * 2, False, "random weights", 14, 10)
-    assert all(c["status"] == results.NOT_CHECKABLE for c in random) and random[0]["reason"] == "random weights"
+    status = statuses(good)
+    assert status.pop("li.vgg16.png_round_trip") == verdict.BEYOND_HOLDS
+    assert set(status.values()) == {verdict.REPRODUCED}
+    assert good[2]["reason"].startswith("image distance from 14 photos, not ImageNet") and good[2]["paper"] == "12-24"
+    assert good[4]["reason"].startswith("1,234 patches from sample images, exact k-NN")
+    # violating inputs: a sample of another class, a low probability of the target's class, a large polytope
+    pixel = [table_row(same_class_k=1999, sample_prob=0.5, ratio_pct=30.0, sample_act_rel_max=0.5)]
+    bad = statuses(patch_composition.vgg_claims(li, pixel, [table_row(same_class_k=1900)] * 2, 14, 10, (500, 500)))
+    assert (
+        set(bad.values()) == {verdict.DIFFERS, verdict.BEYOND_HOLDS} and bad["li.vgg16.same_class"] == verdict.DIFFERS
+    )
+    few = [table_row(n_samples=24, same_class_k=24)]
+    small = statuses(patch_composition.vgg_claims(li, few, few * 2, 14, 10, (10, 6)))
+    assert small.pop("li.vgg16.png_round_trip") == verdict.BEYOND_HOLDS
+    assert set(small.values()) == {verdict.BELOW_BUDGET}
+    random = statuses(patch_composition.vgg_claims(li, few, few * 2, 14, 10, (10, 6)), trained=False)
+    assert random.pop("li.vgg16.fc6_collision") == verdict.BELOW_BUDGET  # decided for any weights
+    assert set(random.values()) == {verdict.NOT_CHECKABLE}

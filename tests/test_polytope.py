@@ -285,6 +285,8 @@ def fake_row(**changes: object) -> dict:
         "vertex_ineq_max": -0.1,
         "sample_act_rel_max": 1e-3,
         "sample_pattern_min": 1.0,
+        "vertex_viol_rel_max": 1e-3,
+        "sample_viol_rel_max": 1e-3,
         "init": "target",
         "target": 0,
     }
@@ -419,80 +421,100 @@ def test_paper_vs_ours_tables() -> None:
     }
 
 
-def test_claim_status_passes_and_fails() -> None:
-    from helpers.book import results
-
-    assert polytope_study.claim_status(99.5, at_least=99.0) == results.REPRODUCED
-    assert polytope_study.claim_status(98.9, at_least=99.0) == results.DIFFERS
-    assert polytope_study.claim_status(0.01, at_most=0.01) == results.REPRODUCED
-    assert polytope_study.claim_status(0.02, at_most=0.01) == results.DIFFERS
-    assert (
-        polytope_study.claim_status(0, below=0.5) == results.REPRODUCED
-        and polytope_study.claim_status(1, below=1) == results.DIFFERS
-    )
-    assert polytope_study.claim_status([12.0, 13.4], at_least=11.5, at_most=13.5) == results.REPRODUCED
-    assert (
-        polytope_study.claim_status([12.0, 42.3], at_least=11.5, at_most=13.5) == results.DIFFERS
-    )  # every value must pass
-    assert polytope_study.claim_status(float("nan"), at_least=0.0) == results.DIFFERS
-    assert polytope_study.claim_status(98.9, at_least=99.0, trained=False) == results.NOT_CHECKABLE
-    with pytest.raises(ValueError, match="give the criterion"):
-        polytope_study.claim_status(1.0)
-    with pytest.raises(ValueError, match="no measured value"):
-        polytope_study.claim_status([], at_least=0.0)
-
-
 def test_mnist_checks_pass_and_fail() -> None:
     criteria = polytope_study.MnistCriteria()
-    good = polytope_study.worst_case([fake_row()])
-    checks = polytope_study.mnist_checks(good, 0.97, ineq_limit=0.05, criteria=criteria, n_samples=2000, trained=True)
-    assert [ok for ok, _, _ in checks] == [True] * 4
-    assert checks[0][1] == "MLP 2x256 test accuracy >= 96%"
-    assert checks[1][1] == "every MLP polytope: >= 99% of 2000 samples keep the target class"
-    bad = polytope_study.worst_case([fake_row(same_class_pct=90.0, sample_act_rel_max=0.5, vertex_ineq_max=0.2)])
-    assert [ok for ok, _, _ in polytope_study.mnist_checks(bad, 0.95, 0.05, criteria, 2000, trained=True)] == [
-        False
-    ] * 4
-    untrained = polytope_study.mnist_checks(bad, 0.10, 0.05, criteria, 2000, trained=False)
-    assert len(untrained) == 2 and not any(ok for ok, _, _ in untrained)  # the weight-independent checks remain
+    good = [fake_row() for _ in range(40)]
+    checks = polytope_study.mnist_checks(good, ineq_limit=0.05, criteria=criteria)
+    assert [ok for ok, _, _ in checks] == [True, True]
+    # violating inputs: a search that reaches the polytope for half the polytopes; a sample outside its vertices
+    half = [fake_row(vertex_eq_rel_max=0.5 if k % 2 else 1e-4) for k in range(40)]
+    assert [ok for ok, _, _ in polytope_study.mnist_checks(half, 0.05, criteria)] == [False, True]
+    inactive = [fake_row(vertex_ineq_max=0.2) for _ in range(40)]
+    assert not polytope_study.mnist_checks(inactive, 0.05, criteria)[0][0]
+    outside = [fake_row(sample_viol_rel_max=0.01, vertex_viol_rel_max=0.001)] + good
+    assert [ok for ok, _, _ in polytope_study.mnist_checks(outside, 0.05, criteria)] == [True, False]
+    with pytest.raises(ValueError, match="no rows"):
+        polytope_study.mnist_checks([], 0.05, criteria)
 
 
-def mnist_claims(rows: list[dict], lenet_rows: list[dict], trained: bool = True, nearer_start: bool = False) -> dict:
+def test_search_checks_and_cut_error(split: P.ReluSplit, polytope: P.Polytopes) -> None:
+    start = torch.full_like(TARGET, 0.9)
+    polys = P.find_polytopes(split, TARGET, start, n_vertices=2, config=CONFIG, progress=False)
+    reports = P.measure_polytopes(split, TARGET, polys, 20, torch.Generator().manual_seed(0), progress=False)
+    rows = [P.table_row(r, 1.0) for r in reports]
+    assert [ok for ok, _, _ in P.search_checks(split, polys, rows, "tiny")] == [True, True]
+    # violating inputs: an objective that rose; a vertex further from the polytope than its start
+    rose = P.Polytopes(**{**polys.__dict__, "loss_curve": torch.tensor([1.0, 2.0])})
+    assert [ok for ok, _, _ in P.search_checks(split, rose, rows, "tiny")] == [False, True]
+    assert not P.search_checks(split, polys, [dict(rows[0], vertex_viol_rel_max=1e9)], "tiny")[1][0]
+    with pytest.raises(ValueError, match="one row per polytope"):
+        P.search_checks(split, polys, rows * 2, "tiny")
+    x = torch.rand(4, 1, 2, 3)
+    assert P.cut_error(split, tiny_relu_net(), x) < 1e-6
+    wrong = tiny_relu_net()
+    with torch.no_grad():
+        wrong[3].bias.fill_(1.0)
+    assert P.cut_error(split, wrong, x) > 1e-2  # a cut that does not reproduce the model
+
+
+def test_measure_polytope_counts_wrong_classes_and_png(split: P.ReluSplit, polytope: P.Polytopes) -> None:
+    report = P.measure_polytope(split, TARGET[0], polytope.vertices[0], 30, torch.Generator().manual_seed(0))
+    assert report["same_class_k"] == 30 and report["png_n"] == 2 and report["outside_unit_range"] == 0.0
+    assert 0 <= report["sample_target_prob_min"] <= report["sample_target_prob"] + 1e-6 <= 1 + 1e-6
+    # vertices of another class: samples count as failures, with the (low) probability of the target's class
+    other = torch.zeros(2, 1, 2, 3)
+    other[:, 0, 0, 1] = 1.0  # unit 1 only: the second logit wins
+    bad = P.measure_polytope(split, TARGET[0], other, 30, torch.Generator().manual_seed(0))
+    assert bad["same_class_k"] == 0 and bad["sample_target_prob"] < 0.5 and bad["sample_prob"] > 0.5
+    assert bad["png_same_class_k"] == 0
+
+
+def mnist_claims(rows: list[dict], lenet_rows: list[dict], nearer_start: bool = False) -> dict:
     from helpers.data import paper
 
     row2 = {
-        "to_target": torch.tensor([8.0]),
-        "to_start": torch.tensor([4.0 if nearer_start else 10.0]),
-        "nearer_target": torch.tensor([not nearer_start]),
+        "to_target": torch.tensor([8.0] * 20),
+        "to_start": torch.tensor([4.0 if nearer_start else 10.0] * 20),
+        "nearer_target": torch.tensor([not nearer_start] * 20),
     }
     facts = {"ratio_min": 4.0, "ratio_max": 18.0, "tight": {"ratio_pct": 18.0}, "nearer_target": 1}
     claims = polytope_study.mnist_claims(
-        paper.get("li"), rows, lenet_rows, 0.975, row2, facts, P.MNIST_CONFIG, polytope_study.MnistCriteria(), trained
+        paper.get("li"), rows, lenet_rows, 0.975, row2, facts, P.MNIST_CONFIG, polytope_study.MnistCriteria()
     )
     return {c["id"]: c for c in claims}
 
 
-def test_mnist_claims_reproduced_differs_and_not_checkable() -> None:
+def judged(claims: dict, trained: bool = True) -> dict:
     from helpers.book import results
 
-    good = mnist_claims([fake_row(), fake_row(init="other image")], [fake_row(), fake_row()], nearer_start=True)
-    assert len(good) == 7 and all(c["status"] == results.REPRODUCED for c in good.values())
-    assert good["li.mnist.distance_ratio"]["reason"] == "" and good["li.mnist.distance_ratio"]["ours"] == "12.5 / 12.5"
+    return {
+        k: results.judge(**{n: v for n, v in c.items() if n != "models"}, trained=trained).status
+        for k, c in claims.items()
+    }
+
+
+def full_row(**changes: object) -> dict:
+    return fake_row(same_class_k=2000, n_samples=2000, png_same_class_k=8, png_n=8, png_act_rel_max=1e-3) | changes
+
+
+def test_mnist_claims_reproduced_differs_and_not_checkable() -> None:
+    from helpers.book import verdict
+
+    rows = [full_row() for _ in range(20)] + [full_row(init="other image") for _ in range(20)]
+    good = mnist_claims(rows, [full_row()] * 4, nearer_start=True)
+    assert len(good) == 8 and all("status" not in c for c in good.values())
+    status = judged(good)
+    assert status.pop("li.mnist.png_round_trip") == status.pop("li.lenet5.same_class") == verdict.BEYOND_HOLDS
+    assert set(status.values()) == {verdict.REPRODUCED}, status
     assert good["li.mnist.accuracy"]["ours"] == 97.5 and good["li.mnist.accuracy"]["paper"] == 96.64
-    assert good["li.mnist.row2_appearance"]["ours"] == "mean distance to target 8.00, to start 4.00"
-    bad_rows = [fake_row(same_class_pct=98.0, ratio_pct=53.9, sample_prob=0.8), fake_row(sample_act_rel_max=0.02)]
-    bad = mnist_claims(bad_rows, [fake_row(same_class_pct=50.0)] * 2)
-    assert all(c["status"] == results.DIFFERS for k, c in bad.items() if k != "li.mnist.accuracy")
-    assert bad["li.mnist.distance_ratio"]["reason"].startswith("the distance is set by the optimiser (lr 0.2, 1000")
-    assert "sweep: 4-18%, the smallest with a tight collision 18%" in bad["li.mnist.distance_ratio"]["reason"]
-    assert (
-        bad["li.mnist.confidence"]["ours"] == 0.8
-        and "nearer the target than the start in 1 of 1" in (bad["li.mnist.row2_appearance"]["reason"])
-    )
-    assert bad["li.lenet5.same_class"]["reason"].startswith("some samples leave the target's class")
-    random = mnist_claims(bad_rows, [fake_row()] * 2, trained=False)
-    assert random["li.mnist.activation_match"]["status"] == results.DIFFERS  # decided for any weights
-    others = [c for k, c in random.items() if k != "li.mnist.activation_match"]
-    assert all(
-        c["status"] == results.NOT_CHECKABLE and c["reason"] == polytope_study.RANDOM_WEIGHTS_REASON for c in others
-    )
+    bad_rows = [full_row(same_class_k=1990, ratio_pct=53.9, sample_prob=0.8), full_row(sample_act_rel_max=0.02)]
+    bad = judged(mnist_claims(bad_rows, [full_row(same_class_k=1000)] * 2))
+    assert bad["li.lenet5.same_class"] == verdict.BEYOND_FAILS
+    assert {
+        bad[k] for k in bad if k not in ("li.mnist.accuracy", "li.lenet5.same_class", "li.mnist.png_round_trip")
+    } == {verdict.DIFFERS}
+    random = judged(mnist_claims(bad_rows, [full_row()] * 2), trained=False)
+    assert random.pop("li.mnist.activation_match") == verdict.DIFFERS  # decided for any weights
+    assert set(random.values()) == {verdict.NOT_CHECKABLE}
+    few = mnist_claims([full_row(n_samples=100, same_class_k=100)] * 2, [full_row()] * 2)
+    assert judged(few)["li.mnist.same_class"] == verdict.BELOW_BUDGET

@@ -100,3 +100,16 @@ def test_train_mnist_segmenter_rejects_a_train_size_below_one_batch(tmp_path, mo
     monkeypatch.setattr(mnist_data, "load", lambda train=True: fake)
     with pytest.raises(ValueError, match="train_size"):
         segmentation.train_mnist_segmenter("cpu", train_size=64, progress=False)
+
+
+def test_mask_iou_batch_agrees_with_mask_iou() -> None:
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randint(0, 3, (4, 5, 5), generator=g), torch.randint(0, 3, (4, 5, 5), generator=g)
+    pred[3], target[3] = 0, 0  # both empty: 1.0, as mask_iou
+    batch = segmentation.mask_iou_batch(pred, target)
+    assert batch.shape == (4,) and batch.dtype == torch.float32
+    assert batch.tolist() == pytest.approx([segmentation.mask_iou(p, t) for p, t in zip(pred, target)])
+    with pytest.raises(PixelInputError, match="same shape"):
+        segmentation.mask_iou_batch(pred, target[:, :4])
+    with pytest.raises(PixelInputError):
+        segmentation.mask_iou_batch(pred[0], target[0])  # not a batch

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.book import results
+from helpers.book import results, verdict
 from helpers.experiments import audit, table1
 from helpers.models import registry
 
@@ -189,77 +189,120 @@ def _rank_deficient_tiny() -> nn.Sequential:
     return model
 
 
+def _judge(claim: dict[str, Any], trained: bool) -> results.Claim:
+    """A claim dict of table1 judged as ``Chapter.claim`` judges it."""
+    return results.judge(**{k: v for k, v in claim.items() if k != "models"}, trained=trained)
+
+
 @pytest.mark.parametrize(
-    "weights,model,paper,status,reason",
+    "weights,model,paper,status",
     [
-        ("random", _tiny, {}, results.NOT_CHECKABLE, "shapes force nu>=2, sum>=38, W1>=23"),
-        ("pretrained", _tiny, {}, results.REPRODUCED, ""),
-        (
-            "pretrained",
-            _rank_deficient_tiny,
-            {"nu": 3, "nu_over_n_pct": 100, "sum_nullity": 43},
-            results.REPRODUCED,
-            "",
-        ),
-        ("pretrained", _tiny, {"sum_nullity": 40}, results.DIFFERS, "trained checkpoint / tolerance differ"),
-        ("pretrained", _tiny, {"nullity_W1": 30}, results.DIFFERS, "impossible for these shapes: nullity(W1) 30"),
-        ("random", _tiny, {"sum_nullity": 30}, results.DIFFERS, "impossible for these shapes: sum of nullities 30"),
+        ("random", _tiny, {}, verdict.NOT_CHECKABLE),
+        ("pretrained", _tiny, {}, verdict.REPRODUCED),
+        ("pretrained", _rank_deficient_tiny, {"nu": 3, "nu_over_n_pct": 100, "sum_nullity": 43}, verdict.REPRODUCED),
+        ("pretrained", _tiny, {"sum_nullity": 40}, verdict.DIFFERS),
+        ("random", _tiny, {"sum_nullity": 40}, verdict.NOT_CHECKABLE),
     ],
 )
-def test_nullity_verdict_outcomes(tmp_path, monkeypatch, weights, model, paper, status, reason) -> None:
+def test_nullity_claim_goes_through_its_criterion(tmp_path, monkeypatch, weights, model, paper, status) -> None:
     monkeypatch.setenv("COLLISIONS_CACHE", str(tmp_path))
     audits = _audits(model(), weights)
-    got = table1.nullity_verdict(
-        _check(**paper),
-        audits.audits64["Tiny"],
-        audits.audits32["Tiny"],
-        {**FITTING_ROW, **paper},
-        weights == "pretrained",
-    )
-    assert got[0] == status and got[1].startswith(reason)
+    row = {**FITTING_ROW, **paper}
+    claims = table1.row_claims(audits, {"Tiny": row}, {"Tiny": _check(**paper)}, {})
+    nullities = _judge(claims[1], weights == "pretrained")
+    assert nullities.status == status and "float32 precision" in nullities.criterion
+    assert "status" not in claims[1] and claims[1]["models"] == ("tiny",)
 
 
-def test_nullity_verdict_accepts_a_float32_match() -> None:
-    a64 = SimpleNamespace(nu=2, sum_nullity=38, nullity_w1=23)
-    a32 = SimpleNamespace(nu=3, sum_nullity=40, nullity_w1=23)  # float32's larger tolerance drops two ranks
-    paper = {**FITTING_ROW, "nu": 3, "nu_over_n_pct": 100, "sum_nullity": 40}
-    assert table1.nullity_verdict(_check(**paper), a64, a32, paper, True) == (results.REPRODUCED, "matches in float32")
-    assert table1.nullity_verdict(_check(**paper), a64, a64, paper, True)[0] == results.DIFFERS
-
-
-def test_shape_verdict_names_the_first_mismatch() -> None:
-    assert table1.shape_verdict(_check()) == (True, "")
-    assert table1.shape_verdict(_check(nu_over_n_pct=50, mu_over_n_pct=50)) == (
-        False,
-        "percentages imply n in [4], tiny has 3",
-    )
-    assert table1.shape_verdict(_check(mu=1, mu_over_n_pct=33)) == (False, "mu 2 vs 1")
-
-
-def test_row_claims_and_invariants(tmp_path, monkeypatch) -> None:
+def test_shape_claim_is_an_identification_when_the_constructor_was_fitted(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("COLLISIONS_CACHE", str(tmp_path))
     audits = _audits()
-    claims, summary = table1.row_claims(audits, {"Tiny": FITTING_ROW}, {"Tiny": _check()})
-    assert [c["id"] for c in claims] == ["01.Tiny.shape", "01.Tiny.nullities"]
-    assert claims[0]["status"] == results.REPRODUCED and claims[0]["paper"] == "n=[3], mu=2"
-    assert claims[1]["status"] == results.NOT_CHECKABLE and claims[1]["weights"] == "random"
-    assert claims[1]["ours"] == "nu=2, sum=38, W1=23 (float32: 2/38/23)"
-    assert all(results.Claim(**c) for c in claims)  # valid statuses
-    assert summary == [
-        {
-            "row": "Tiny",
-            "constructor": "tiny",
-            "shape claim": "reproduced",
-            "nullity claim": results.NOT_CHECKABLE,
-            "reason": claims[1]["reason"],
-        }
+
+    def shape(fitted: dict[str, str], **paper: Any) -> results.Claim:
+        claims = table1.row_claims(audits, {"Tiny": {**FITTING_ROW, **paper}}, {"Tiny": _check(**paper)}, fitted)
+        return _judge(claims[0], False)  # shapes decide: random weights suffice
+
+    assert shape({}).status == verdict.REPRODUCED and shape({}).criterion.startswith("n ∈ [3]")
+    fitted = shape({"Tiny": "tiny chosen because other does not fit"})
+    assert fitted.status == verdict.IDENTIFIED and fitted.reason.startswith("tiny chosen")
+    wrong_n = shape({}, nu_over_n_pct=50, mu_over_n_pct=50)
+    assert wrong_n.status == verdict.DIFFERS and "percentages imply n in [4]; tiny has 3" in wrong_n.reason
+    wrong_mu = shape({"Tiny": "fitted"}, mu=1, mu_over_n_pct=33)
+    assert wrong_mu.status == verdict.DIFFERS and "mu 2 vs 1" in wrong_mu.reason
+
+
+def test_attainable_claim_differs_on_an_impossible_paper_number(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("COLLISIONS_CACHE", str(tmp_path))
+    audits = _audits(rows=("A", "B"))
+    ok = _judge(table1.attainable_claim(audits, {"A": _check(), "B": _check()}), False)
+    assert ok.status == verdict.REPRODUCED and ok.ours.startswith("2/2") and ok.reason == ""
+    bad = _judge(table1.attainable_claim(audits, {"A": _check(), "B": _check(nullity_W1=20)}), False)
+    assert bad.status == verdict.DIFFERS and bad.reason == "B: nullity(W1) 20 outside [23, 27]"
+
+
+def test_fitted_rows_names_rows_whose_candidates_disagree() -> None:
+    good, bad = _check(), table1.check_row("Tiny", "other", audit.structural_audit(nn.Linear(4, 2)), FITTING_ROW)
+    assert table1.fitted_rows([good, bad], {"Tiny": "tiny"}) == {"Tiny": "tiny chosen because other does not fit"}
+    assert table1.fitted_rows([good, good], {"Tiny": "tiny"}) == {}  # candidates agree: nothing was fitted
+    assert table1.fitted_rows([bad], {"Tiny": "other"}) == {}  # a single candidate that does not fit differs
+    mask = table1.check_row("Mask R-CNN", "tiny", audit.structural_audit(_tiny()), FITTING_ROW)
+    assert "transposed convolutions" in table1.fitted_rows([mask], {"Mask R-CNN": "tiny"})["Mask R-CNN"]
+
+
+def test_claims_table_reads_the_recorded_claims(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("COLLISIONS_CACHE", str(tmp_path))
+    claims = [_judge(c, False) for c in table1.row_claims(_audits(), {"Tiny": FITTING_ROW}, {"Tiny": _check()}, {})]
+    rows = table1.claims_table(claims)
+    assert [(r["claim"], r["result"]) for r in rows] == [
+        ("01.Tiny.shape", verdict.REPRODUCED),
+        ("01.Tiny.nullities", verdict.NOT_CHECKABLE),
     ]
-    assert all(ok for ok, _, _ in table1.audit_invariants(audits, {"Tiny": _check()}))
-    wrong_n = table1.check_row("Tiny", "tiny", audit.structural_audit(nn.Linear(4, 2)), FITTING_ROW)
-    ok, what, _ = table1.audit_invariants(audits, {"Tiny": wrong_n})[0]
-    assert not ok and "n and mu" in what
-    audits.audits64["Tiny"].rows[1].rank = 11  # a rank above min(rows, cols): nullity < 0 and < cols - rows
-    assert [ok for ok, _, _ in table1.audit_invariants(audits, {"Tiny": _check()})] == [True, False, False]
+
+
+def test_independent_checks_pass_and_fail(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("COLLISIONS_CACHE", str(tmp_path))
+    audits = _audits(_rank_deficient_tiny())
+    recs = audits.independent["Tiny"]
+    assert {r["precision"] for r in recs} == {"float32", "float64"} and all(r["agree"] for r in recs)
+    assert [r["matrix"] for r in recs if r["precision"] == "float32"] == ["0.weight", "2.weight", "3.weight"]
+    assert all(ok for ok, _, _ in table1.independent_checks(audits))
+    # violating inputs: an audit rank numpy does not confirm; a float32 rank at the threshold (not robust)
+    audits.independent["Tiny"] = [{**recs[0], "audit rank": recs[0]["audit rank"] - 1, "agree": False}, *recs[1:]]
+    assert [ok for ok, _, _ in table1.independent_checks(audits)] == [False, True, True]
+    audits.independent["Tiny"] = [{**recs[0], "robust": False, "margin": 1e-14}, *recs[1:]]
+    got = table1.independent_checks(audits)
+    assert [ok for ok, _, _ in got] == [True, False, True] and "margin 1e-14" in got[1][2]
+    audits.independent["Tiny"] = []
+    assert not any(ok for ok, _, _ in table1.independent_checks(audits))  # nothing sampled is a failure
+
+
+class _Reordered(nn.Module):
+    """A model whose first registered layer is not the first one the input meets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+        self.stem = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x))
+
+
+def test_w1_order_checks_fail_on_a_reordered_model() -> None:
+    rows = [table1.w1_order_row("tiny", nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2)), torch.zeros(1, 6))]
+    rows.append(table1.w1_order_row("reordered", _Reordered(), torch.zeros(1, 6)))
+    assert [ok for ok, _, _ in table1.w1_order_checks(rows)] == [True, False]
+    assert table1.w1_order_checks(rows)[1][2] == "head.weight / stem"
+
+
+def test_prose_numbers_come_from_the_shapes() -> None:
+    from helpers.data import paper
+
+    numbers = table1.prose_numbers(paper.get("ozbulak", "table1", "rows"))
+    assert (numbers["alex_mu"], numbers["alex_n"], numbers["alex_mu_printed"]) == (7, 8, 87)
+    assert numbers["ret_w1_min"] == numbers["ret_w1_cols"] - numbers["ret_w1_rows"] > numbers["ret_paper_w1"]
+    assert numbers["vitl_implied"] == "97" and numbers["vitl_n"] == 98
+    assert numbers["psp1_sum"] > numbers["psp_paper_sum"]
 
 
 def test_with_spectrum_has_exactly_the_given_singular_values() -> None:

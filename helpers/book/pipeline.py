@@ -275,9 +275,25 @@ def render(src: Path, path_output: Path) -> Path:
         print("[book] book source unchanged, HTML is up to date")
         return index
     jupyter_book = shutil.which("jupyter-book", path=str(Path(sys.executable).parent)) or "jupyter-book"
-    subprocess.run([jupyter_book, "build", str(src), "--path-output", str(path_output)], check=True)
+    done = subprocess.run(
+        [jupyter_book, "build", str(src), "--path-output", str(path_output)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    print(done.stdout, end="")
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, done.args)
+    missing = missing_glue(done.stdout)
+    if missing:  # MyST-NB renders a missing glue key as nothing: the prose would silently lose its number
+        raise RuntimeError("prose refers to numbers no cell glued:\n" + "\n".join(missing))
     stamp.write_text(digest)
     return index
+
+
+def missing_glue(log: str) -> list[str]:
+    """The lines of a Jupyter Book log that report a glue reference without glued data."""
+    return [ln.strip() for ln in log.splitlines() if "[mystnb.glue]" in ln]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,18 +94,22 @@ class Criterion:
 
 @dataclass(frozen=True)
 class Budget:
-    """How much of the paper's compute a run spent: ``ours`` and ``paper`` in the same ``unit``."""
+    """How much of the paper's compute a run spent: ``ours`` and ``paper`` in the same ``unit``.
+
+    ``reference`` names whose budget ``paper`` is, when the paper states none (e.g. this chapter's full run).
+    """
 
     ours: float
     paper: float
     unit: str
+    reference: str = "the paper's"
 
     @property
     def below(self) -> bool:
         return self.ours < BUDGET_FRACTION * self.paper
 
     def text(self) -> str:
-        return f"{self.ours:g} of the paper's {self.paper:g} {self.unit}"
+        return f"{self.ours:g} of {self.reference} {self.paper:g} {self.unit}"
 
 
 def status_of(criterion: Criterion, measured: Any, *, trained: bool = True, budget: Budget | None = None) -> str:

@@ -5,15 +5,18 @@ Every budget is an l_inf distance in pixel units: the models are wrapped with ``
 * ``pgd``: PGD (Madry et al.) through torchattacks; ``first_fooled`` picks a test image it fools.
 * ``asma``: the Adaptive Segmentation Mask Attack (Ozbulak, Van Messem, De Neve, MICCAI 2019), which no library
   ships; written here after the paper and its authors' reference implementation.
-* ``pgd_twins`` / ``pgd_budget_study``: PGD, then many images x_hat = x' + P with P in the kernel of the first
-  layer (``collisions.colliding_adversarials``), each within the budget around the clean image and inside [0, 1],
-  so that the model's output for every x_hat equals its output for x' (up to float round-off).
-* ``benchmark``: those twins against running PGD as many times.
-* ``Fig3Results``, ``fig3_requirements``, ``fig3_paper_vs_ours``: the Fig. 3 chapter's decision rules and table.
+* ``pgd_twins``: PGD with limit eps, then many images x_hat = x' + P with P in the kernel of the first layer
+  (``collisions.colliding_adversarials``), each within the *attack's own* eps of the clean image and inside
+  [0, 1], so that the model's output for every x_hat equals its output for x' (up to float round-off).
+* ``twin_study`` / ``pgd_twin_study`` / ``asma_batch`` / ``tiled_twin_study``: the same over sets of inputs,
+  with rates (95% intervals), worst cases and the twins measured again after an 8-bit PNG round trip.
+* ``benchmark`` / ``benchmark_set``: those twins against running PGD as many times.
+* ``Fig3Results``, ``fig3_claims``, ``fig3_checks``: the Fig. 3 chapter's criteria (claims) and internal checks.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,11 +25,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from helpers.book import page
+from helpers import stats
+from helpers.book import page, verdict
+from helpers.data import image_validity
 from helpers.data.normalization import PixelInputError, check_pixels
-from helpers.experiments.collisions import CollidingSet, Requirement, colliding_adversarials, colliding_report
+from helpers.experiments.collisions import (
+    CollidingSet,
+    Requirement,
+    colliding_adversarials,
+    colliding_report,
+    random_kernel_perturbation,
+    tiled_twin,
+)
 from helpers.linalg.kernels import PixelKernel, pixel_kernel
-from helpers.models.segmentation import mask_iou
+from helpers.models.forward import batched
+from helpers.models.segmentation import mask_iou, mask_iou_batch
 from helpers.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -185,42 +198,6 @@ def asma(
     return result
 
 
-def benchmark(
-    model: nn.Module,
-    clean: torch.Tensor,
-    label: torch.Tensor,
-    *,
-    eps: float,
-    pgd_eps: float,
-    n: int = 100,
-    pgd_runs: int | None = None,
-    steps: int = 10,
-    alpha: float | None = None,
-    kernel: PixelKernel | None = None,
-) -> dict[str, float]:
-    """Seconds for ``n`` colliding adversarial examples from one PGD run (the run included) vs running PGD ``n``
-    times (``pgd_runs`` < n: that many runs timed and scaled to n, reported as extrapolated)."""
-    alpha = alpha if alpha is not None else pgd_eps / 4
-    kernel = kernel or pixel_kernel(model, clean.shape[1:])
-    start = time.perf_counter()
-    adversarial = pgd(model, clean, label, eps=pgd_eps, alpha=alpha, steps=steps, seed=0)
-    colliding_adversarials(model, clean, adversarial, eps=eps, n=n, kernel=kernel)
-    twins = time.perf_counter() - start
-    runs = min(n, pgd_runs or n)
-    start = time.perf_counter()
-    for seed in range(runs):
-        pgd(model, clean, label, eps=eps, alpha=eps / 4, steps=steps, seed=seed)
-    loop = (time.perf_counter() - start) * n / runs
-    return {
-        "n": n,
-        "seconds_colliding": twins,
-        "seconds_pgd_loop": loop,
-        "pgd_runs_timed": runs,
-        "extrapolated": runs < n,
-        "speedup": loop / twins,
-    }
-
-
 def first_fooled(
     model: nn.Module,
     images: torch.Tensor,
@@ -286,15 +263,15 @@ def pgd_twins(
     label: torch.Tensor | None = None,
     *,
     eps: float,
-    pgd_eps: float,
     steps: int,
     alpha: float | None = None,
+    random_start: bool = True,
     n: int = 100,
     kernel: PixelKernel | None = None,
     seed: int = 0,
 ) -> PGDTwins:
-    """PGD with budget ``pgd_eps`` (step ``alpha``, default pgd_eps / 4), then ``n`` colliding twins within the
-    larger budget ``eps`` of ``clean`` (all l_inf, pixel units).
+    """PGD with limit ``eps`` (step ``alpha``, default eps / 4), then ``n`` colliding twins within the *same*
+    ``eps`` of ``clean`` (l_inf, pixel units): the paper's condition that the twins respect the attack's limit.
 
     model: pixel-space classifier; clean: (1, C, H, W) in [0, 1]; label: (1,) the class to move away from
     (None: the model's own prediction). Raises ``PixelInputError`` for non-pixel images.
@@ -302,67 +279,11 @@ def pgd_twins(
     if label is None:
         with torch.no_grad():
             label = model(clean).argmax(1)
-    adversarial = pgd(model, clean, label, eps=pgd_eps, alpha=alpha if alpha is not None else pgd_eps / 4, steps=steps)
+    alpha = alpha if alpha is not None else eps / 4
+    adversarial = pgd(model, clean, label, eps=eps, alpha=alpha, steps=steps, random_start=random_start, seed=seed)
     twins, report = colliding_report(model, clean, adversarial, eps=eps, n=n, kernel=kernel, seed=seed)
-    report["saturated_pixels"] = saturation(clean, adversarial, pgd_eps)
+    report["saturated_pixels"] = saturation(clean, adversarial, eps)
     return PGDTwins(clean, label, twins, report)
-
-
-def pgd_budget_study(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    eps: float,
-    pgd_budgets: Sequence[float],
-    steps: int,
-    n: int = 100,
-    kernel: PixelKernel | None = None,
-    seed: int = 0,
-) -> tuple[dict[float, dict[str, Any]], PGDTwins]:
-    """Colliding twins after PGD at each of ``pgd_budgets`` (<= eps), on one test image.
-
-    The image is the first of ``images`` (N, C, H, W) / ``labels`` (N,) that the model gets right and PGD at the
-    smallest budget fools (``first_fooled``). Returns ({pgd_eps: report with "pgd_eps" added}, in the order
-    given; the ``PGDTwins`` of the smallest budget). ``kernel``: ``pixel_kernel(model, (C, H, W))`` if None.
-    """
-    if not pgd_budgets or max(pgd_budgets) > eps:
-        raise PixelInputError(f"pgd_budgets must be non-empty and <= eps = {eps}, got {list(pgd_budgets)}")
-    smallest = min(pgd_budgets)
-    index, _ = first_fooled(model, images, labels, eps=smallest, steps=steps)
-    device = next(model.parameters()).device
-    clean, label = images[index : index + 1].to(device), labels[index : index + 1].to(device)
-    kernel = kernel or pixel_kernel(model, clean.shape[1:])
-    reports, runs = {}, {}
-    for pgd_eps in pgd_budgets:
-        runs[pgd_eps] = pgd_twins(
-            model, clean, label, eps=eps, pgd_eps=pgd_eps, steps=steps, n=n, kernel=kernel, seed=seed
-        )
-        reports[pgd_eps] = {**runs[pgd_eps].report, "pgd_eps": pgd_eps}
-    return reports, runs[smallest]
-
-
-#: The columns of the PGD-budget table (``twin_table_rows``).
-TWIN_COLUMNS = (
-    "pgd_eps",
-    "saturated_pixels",
-    "distinct",
-    "keep_adversarial_prediction",
-    "max_linf_to_clean",
-    "in_range",
-    "perturbation_linf_median",
-    "pairwise_linf_min",
-    "pairwise_l2_median",
-    "max_rel_output_change",
-    "seconds",
-)
-
-
-def twin_table_rows(
-    reports: dict[tuple[str, float], dict[str, Any]], columns: Sequence[str] = TWIN_COLUMNS
-) -> dict[str, dict[str, Any]]:
-    """{"<model>, PGD eps <e>": {column: value}} from {(model, pgd_eps): report}, for ``table``."""
-    return {f"{k}, PGD eps {e:g}": {c: r[c] for c in columns} for (k, e), r in reports.items()}
 
 
 def twins_figure(
@@ -424,152 +345,637 @@ def mask_figure(
     return segmentation_figure(list(images), predicted_masks(model, images), titles, target=target)
 
 
-# --- Fig. 3: paper vs ours, checks --------------------------------------------------------------------------
+# --- Fig. 3 over sets of inputs: rates, worst cases, PNG round trips ------------------------------------------
+
+
+def pgd_reach(eps: float, alpha: float, steps: int, random_start: bool) -> float:
+    """How far (l_inf, pixels) PGD with limit ``eps`` can move a pixel: eps with a random start (it starts
+    anywhere in the ball), else min(eps, steps * alpha) (it starts at the clean image)."""
+    if not 0 < eps <= 1 or alpha <= 0 or steps < 1:
+        raise PixelInputError(f"need 0 < eps <= 1, alpha > 0, steps >= 1, got eps={eps}, alpha={alpha}, steps={steps}")
+    return eps if random_start else min(eps, steps * alpha)
+
+
+def largest_beta(clean: torch.Tensor, adversarial: torch.Tensor, direction: torch.Tensor, eps: float) -> float:
+    """The largest beta >= 0 with ``adversarial + beta * direction`` within ``eps`` (l_inf) of ``clean`` and in
+    [0, 1]: how far the paper's single-multiplier construction P = beta * direction may go. One pixel at the
+    budget or at 0 / 1 with the direction pointing out pins it to 0 (reported as measured).
+
+    clean, adversarial, direction: same shape; adversarial in [0, 1] and within eps of clean.
+    """
+    if not clean.shape == adversarial.shape == direction.shape:
+        raise PixelInputError(
+            f"clean {tuple(clean.shape)}, adversarial {tuple(adversarial.shape)} and direction "
+            f"{tuple(direction.shape)} must have the same shape"
+        )
+    _, hi = image_validity.beta_interval(adversarial, direction)
+    delta, d = (adversarial - clean).double(), direction.double()
+    room_up, room_down = (eps - delta).clamp_min(0), (eps + delta).clamp_min(0)
+    inf = torch.full_like(d, math.inf)
+    up = torch.where(d > 0, room_up / d.where(d > 0, 1.0), inf)
+    down = torch.where(d < 0, room_down / (-d).where(d < 0, 1.0), inf)
+    return max(0.0, min(hi, float(up.min()), float(down.min())))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per item, whether two predictions agree everywhere: (N,) labels or (N, H, W) masks -> (N,) bool."""
+    return (a == b).reshape(len(a), -1).all(1)
+
+
+@torch.no_grad()
+def png_predictions(model: nn.Module, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """The model's argmax (labels (N,) or masks (N, H, W)) on ``images`` (N, C, H, W) after each is stored as an
+    8-bit PNG and read back (``image_validity.png_round_trip``)."""
+    return batched(model, image_validity.png_round_trip(images), batch).argmax(1)
+
+
+@dataclass
+class TwinStudy:
+    """An attack on a set of clean inputs, then colliding twins of each adversarial example within the attack's
+    own limit ``eps`` of its clean input.
+
+    Per input (lists of length N): ``correct`` (the clean prediction is the label; always true without labels),
+    ``fooled`` (correct, and the attack changed the prediction, or any pixel of the mask). Per fooled input,
+    ``reports``: ``describe_colliding`` plus "index", "keep_after_png" (twins whose prediction after a PNG round
+    trip is the adversarial one), "linf_after_png" (largest l_inf to the clean input after the round trip),
+    "outside_unit_range", "adversarial_survives_png" (the PNG-stored adversarial example keeps its prediction),
+    "largest_tiled_beta" (``largest_beta`` of one random kernel direction in every patch, l_inf 1), "reach"
+    (l_inf of x' - x). ``example``: the first fooled input's run, for figures. ``reach``: how far the attack may
+    move a pixel (``pgd_reach``; default ``eps``).
+    """
+
+    eps: float
+    correct: list[bool]
+    fooled: list[bool]
+    reports: list[dict[str, Any]]
+    example: PGDTwins | None
+    seconds: float = 0.0
+    reach: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.reach is None:
+            self.reach = self.eps
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.correct)
+
+    def _need_fooled(self) -> list[dict[str, Any]]:
+        if not self.reports:
+            raise ValueError(f"the attack fooled none of the {self.n_inputs} inputs: no twins to measure")
+        return self.reports
+
+    @property
+    def fooling(self) -> stats.Rate:
+        """Inputs the attack fooled, among those the model got right."""
+        return stats.Rate(sum(self.fooled), sum(self.correct))
+
+    @property
+    def kept(self) -> stats.Rate:
+        """Twins with exactly the adversarial prediction (mask), over all twins of all fooled inputs."""
+        r = self._need_fooled()
+        return stats.Rate(sum(x["keep_adversarial_prediction"] for x in r), sum(x["n"] for x in r))
+
+    @property
+    def kept_after_png(self) -> stats.Rate:
+        """Twins whose prediction after an 8-bit PNG round trip is the (float) adversarial one."""
+        r = self._need_fooled()
+        return stats.Rate(sum(x["keep_after_png"] for x in r), sum(x["n"] for x in r))
+
+    @property
+    def adversarial_png(self) -> stats.Rate:
+        """Adversarial examples whose prediction survives an 8-bit PNG round trip."""
+        return stats.Rate.of(x["adversarial_survives_png"] for x in self._need_fooled())
+
+    def spread(self, key: str, *, larger_is_worse: bool = True, unit: str = "") -> stats.Spread:
+        """A per-fooled-input number of ``reports`` as a ``Spread`` (e.g. "distinct", "max_linf_to_clean")."""
+        return stats.Spread.of((x[key] for x in self._need_fooled()), larger_is_worse=larger_is_worse, unit=unit)
+
+    @property
+    def collapsed(self) -> stats.Rate:
+        """Fooled inputs whose twins are all one image (the attack left no room for a kernel direction)."""
+        return stats.Rate.of(x["distinct"] == 1 for x in self._need_fooled())
+
+    @property
+    def distinct_share(self) -> stats.Spread:
+        """Distinct twins / twins drawn, per fooled input (the worst case is the smallest)."""
+        return stats.Spread.of((x["distinct"] / x["n"] for x in self._need_fooled()), larger_is_worse=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The numbers a table or the results JSON shows (rates as text, spreads as mean and worst)."""
+        row: dict[str, Any] = {"inputs": self.n_inputs, "fooled": self.fooling.text()}
+        if not self.reports:
+            return row
+        dist, linf = self.spread("distinct", larger_is_worse=False), self.spread("max_linf_to_clean")
+        return {
+            **row,
+            "twins keep the prediction": self.kept.text(),
+            "after PNG": self.kept_after_png.text(),
+            "adversarial survives PNG": self.adversarial_png.text(),
+            "distinct twins (worst)": dist.worst,
+            "attack reach": self.spread("reach").worst,
+            "saturated pixels (mean)": self.spread("saturated_pixels").mean,
+            "l_inf to clean (worst)": linf.worst,
+            "eps": self.eps,
+            "l_inf after PNG (worst)": self.spread("linf_after_png").worst,
+            "outside [0, 1] (worst)": self.spread("outside_unit_range").worst,
+            "largest tiled beta (worst)": self.spread("largest_tiled_beta", larger_is_worse=False).worst,
+            "output change (worst)": self.spread("max_rel_output_change").worst,
+        }
+
+
+def twin_study(
+    model: nn.Module,
+    clean: torch.Tensor,
+    adversarial: torch.Tensor,
+    *,
+    eps: float,
+    n_twins: int,
+    labels: torch.Tensor | None = None,
+    kernel: PixelKernel | None = None,
+    seed: int = 0,
+    batch: int = 32,
+) -> TwinStudy:
+    """Colliding twins of every fooled adversarial example, within ``eps`` of its clean input (see ``TwinStudy``).
+
+    model: pixel-space classifier or segmenter; clean, adversarial: (N, C, H, W) in [0, 1], the attack's output
+    for each input; labels: (N,) true classes (None: the model's clean prediction, labels or masks). Twins of
+    input i use seed ``seed + i``.
+    """
+    check_pixels(clean, "clean")
+    check_pixels(adversarial, "adversarial")
+    if clean.shape != adversarial.shape:
+        raise PixelInputError(f"clean {tuple(clean.shape)} and adversarial {tuple(adversarial.shape)} differ")
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    kernel = kernel or pixel_kernel(model, clean.shape[1:])
+    with torch.no_grad():
+        pred_clean = batched(model, clean, batch).argmax(1)
+        pred_adv = batched(model, adversarial, batch).argmax(1)
+    truth = pred_clean if labels is None else labels.cpu()
+    correct = _same(pred_clean, truth)
+    fooled = correct & ~_same(pred_adv, truth)
+    png_adv = png_predictions(model, adversarial, batch)
+    reports, example = [], None
+    for i in torch.nonzero(fooled).flatten().tolist():
+        x, x_adv = clean[i : i + 1].to(device), adversarial[i : i + 1].to(device)
+        twins, report = colliding_report(model, x, x_adv, eps=eps, n=n_twins, kernel=kernel, seed=seed + i)
+        after = image_validity.png_round_trip(twins.images)
+        direction = random_kernel_perturbation(kernel, tuple(clean.shape[1:]), seed=seed + i).to(device)
+        report.update(
+            index=i,
+            keep_after_png=int(_same(png_predictions(model, twins.images, batch), pred_adv[i : i + 1]).sum()),
+            linf_after_png=float((after - x).abs().max()),
+            outside_unit_range=image_validity.outside_unit_range(twins.images) + 0.0,  # no "-0.0"
+            adversarial_survives_png=bool(_same(png_adv[i : i + 1], pred_adv[i : i + 1])),
+            largest_tiled_beta=largest_beta(x, x_adv, direction.reshape(x.shape), eps),
+            reach=float((x_adv - x).abs().max()),
+            saturated_pixels=saturation(x, x_adv, eps),
+        )
+        reports.append(report)
+        if example is None:
+            example = PGDTwins(x, truth[i : i + 1].to(device), twins, report)
+    return TwinStudy(eps, correct.tolist(), fooled.tolist(), reports, example, time.perf_counter() - start)
+
+
+def pgd_twin_study(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    random_start: bool,
+    n_twins: int,
+    kernel: PixelKernel | None = None,
+    seed: int = 0,
+) -> TwinStudy:
+    """PGD with limit ``eps`` on every image of ``images`` (N, C, H, W) at once, then ``twin_study``.
+
+    labels: (N,) true classes; None attacks the model's own prediction (models without a test set here).
+    ``random_start`` False with steps * alpha < eps leaves the attack room inside its own limit
+    (``pgd_reach``).
+    """
+    device = next(model.parameters()).device
+    images = images.to(device)
+    if labels is None:
+        with torch.no_grad():
+            labels = batched(model, images).argmax(1)
+    target = labels.to(device)
+    adversarial = pgd(model, images, target, eps=eps, alpha=alpha, steps=steps, random_start=random_start, seed=seed)
+    study = twin_study(model, images, adversarial, eps=eps, n_twins=n_twins, labels=labels, kernel=kernel, seed=seed)
+    study.reach = pgd_reach(eps, alpha, steps, random_start)
+    return study
+
+
+def imagenet_inputs(size: int = 224, minimum: int = 20) -> tuple[list[str], torch.Tensor]:
+    """Every offline natural photo (``photos.natural_image_set``), then horizontal flips of the first ones until
+    there are ``minimum`` inputs: (names, (N, 3, size, size) in [0, 1]); a flip is named "<photo> (flipped)"."""
+    from helpers.data import photos
+
+    names, images = photos.natural_image_set(size)
+    extra = max(0, minimum - len(names))
+    if extra > len(names):
+        raise ValueError(f"{len(names)} photos and their flips cannot make {minimum} inputs")
+    names += [f"{n} (flipped)" for n in names[:extra]]
+    return names, torch.cat([images, images[:extra].flip(-1)])
+
+
+@dataclass
+class ASMABatch:
+    """ASMA on a batch: ``adversarial`` (B, C, H, W) in [0, 1], ``masks`` (B, H, W) predicted for them, and each
+    image's IoU with its target at the start and the end (0..1)."""
+
+    adversarial: torch.Tensor
+    masks: torch.Tensor
+    iou_start: list[float]
+    iou_end: list[float]
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Mean IoU with the target before and after, and the share of images whose IoU rose."""
+        rose = stats.Rate.of(e > s for s, e in zip(self.iou_start, self.iou_end))
+        return {
+            "images": len(self.iou_start),
+            "IoU start (mean)": sum(self.iou_start) / len(self.iou_start),
+            "IoU end (mean)": sum(self.iou_end) / len(self.iou_end),
+            "IoU rose": rose.text(),
+        }
+
+
+def asma_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    iterations: int = ASMA_ITERATIONS,
+    tau: float = ASMA_TAU,
+    beta: float = ASMA_BETA,
+    eps: float | None = None,
+    classes: Sequence[int] | None = None,
+    stop_iou: float | None = 1.0,
+) -> ASMABatch:
+    """``asma`` on a batch at once, each image with its own adaptive multiplier beta * IoU_i + tau and its own
+    target; an image stops moving once its IoU reaches ``stop_iou``. For one image it gives ``asma``'s result.
+
+    images: (B, C, H, W) in [0, 1]; targets: (B, H, W) integer masks. The models' images must not interact
+    (eval mode: no batch statistics).
+    """
+    check_pixels(images, "images")
+    if targets.dim() != 3 or targets.shape[0] != images.shape[0] or targets.shape[1:] != images.shape[-2:]:
+        raise PixelInputError(
+            f"targets must be (B, H, W) = ({images.shape[0]}, {images.shape[-2]}, {images.shape[-1]}), "
+            f"got {tuple(targets.shape)}"
+        )
+    if targets.is_floating_point() or iterations < 1:
+        raise PixelInputError(f"targets must be integer masks and iterations >= 1, got {targets.dtype}, {iterations}")
+    start = time.perf_counter()
+    targets = targets.to(images.device).long()
+    classes = sorted(int(c) for c in targets.unique()) if classes is None else list(classes)
+    x0 = images.detach()
+    x = x0.clone()
+    done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    iou_start: list[float] = []
+    for step in range(iterations):
+        x.requires_grad_(True)
+        logits = model(x)
+        pred = logits.argmax(1)
+        loss = logits.new_zeros(())
+        for c in classes:
+            loss = loss + (logits[:, c] * ((targets == c) & (pred != c))).sum()
+        (grad,) = torch.autograd.grad(loss - ((x - x0) ** 2).sum(), x)
+        iou = mask_iou_batch(pred.detach(), targets)
+        iou_start = iou_start or iou.tolist()
+        if stop_iou is not None:
+            done |= iou >= stop_iou
+        multiplier = (beta * iou * (1.0 if step else 0.0) + tau) * (~done)
+        x = (x.detach() + multiplier.view(-1, 1, 1, 1) * grad).clamp_(0, 1)
+        if eps is not None:
+            x = torch.max(torch.min(x, x0 + eps), x0 - eps)
+    x = x.detach()
+    with torch.no_grad():
+        masks = model(x).argmax(1)
+    iou_end = mask_iou_batch(masks, targets).tolist()
+    return ASMABatch(x, masks, iou_start, iou_end, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def tiled_twin_study(
+    model: nn.Module, clean: torch.Tensor, adversarial: torch.Tensor, *, eps: float, seed: int = 0
+) -> list[dict[str, Any]]:
+    """The paper's tiled construction (``collisions.tiled_twin``) on every input, for first layers with no exact
+    twin: per input its residuals (``collision_residuals`` between x' and the twin), "beta", "linf_to_clean",
+    "outside_unit_range", "same_mask" (the twin's whole mask is x''s) and "same_mask_after_png" (after an 8-bit
+    PNG round trip of the twin). clean, adversarial: (N, C, H, W) in [0, 1]."""
+    rows = []
+    for i in range(len(clean)):
+        x, x_adv = clean[i : i + 1], adversarial[i : i + 1]
+        twin, res = tiled_twin(model, x, x_adv, eps=eps, seed=seed + i)
+        mask_adv = model(x_adv).argmax(1)
+        res.update(
+            outside_unit_range=image_validity.outside_unit_range(twin),
+            same_mask=bool(_same(model(twin).argmax(1), mask_adv)),
+            same_mask_after_png=bool(_same(model(image_validity.png_round_trip(twin)).argmax(1), mask_adv)),
+        )
+        rows.append(res)
+    return rows
+
+
+def benchmark(
+    model: nn.Module,
+    clean: torch.Tensor,
+    label: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    random_start: bool,
+    n: int = 100,
+    pgd_runs: int | None = None,
+    kernel: PixelKernel | None = None,
+) -> dict[str, Any]:
+    """Seconds for ``n`` colliding adversarial examples (one PGD run with the given settings, then ``n`` twins
+    within the same ``eps``) against ``n`` PGD runs with random starts (seeds 0..n-1; the way to get different
+    adversarial examples from PGD); ``pgd_runs`` < n times that many and scales to n ("extrapolated").
+    clean: (1, C, H, W) in [0, 1]; label: (1,)."""
+    kernel = kernel or pixel_kernel(model, clean.shape[1:])
+    start = time.perf_counter()
+    adversarial = pgd(model, clean, label, eps=eps, alpha=alpha, steps=steps, random_start=random_start, seed=0)
+    colliding_adversarials(model, clean, adversarial, eps=eps, n=n, kernel=kernel)
+    twins = time.perf_counter() - start
+    runs = min(n, pgd_runs or n)
+    start = time.perf_counter()
+    for seed in range(runs):
+        pgd(model, clean, label, eps=eps, alpha=alpha, steps=steps, random_start=True, seed=seed)
+    loop = (time.perf_counter() - start) * n / runs
+    return {
+        "n": n,
+        "seconds_colliding": twins,
+        "seconds_pgd_loop": loop,
+        "pgd_runs_timed": runs,
+        "extrapolated": runs < n,
+        "speedup": loop / twins,
+    }
+
+
+def benchmark_set(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, inputs: int, **settings: Any
+) -> list[dict[str, Any]]:
+    """``benchmark`` on each of the first ``inputs`` images (N, C, H, W) / labels (N,); ``settings`` as there."""
+    device = next(model.parameters()).device
+    return [
+        benchmark(model, images[i : i + 1].to(device), labels[i : i + 1].to(device), **settings)
+        for i in range(min(inputs, len(images)))
+    ]
+
+
+# --- Fig. 3: criteria, claims and internal checks -------------------------------------------------------------
+
+#: A twin's logits may differ from x''s by float round-off only: relative to the largest |logit| of x'.
+ROUND_OFF = 1e-4
+#: A PGD or ASMA output may exceed its limit by float32 round-off only (pixels).
+PIXEL_SLACK = 1e-6
+#: The share of twins that must keep the prediction after a PNG round trip (lower 95% bound), our own claim.
+PNG_KEEP = 0.95
 
 
 @dataclass
 class Fig3Results:
-    """The measurements behind the Fig. 3 chapter's claims.
+    """The measurements behind the Fig. 3 chapter's claims (all budgets l_inf in pixel units).
 
-    ``mnist``: {(model, pgd_eps): report}; ``classification``: the ImageNet model's twin report (``model``
-    names it); ``asma_iou``: (start, end) IoU of the MNIST segmenter's ASMA run; ``segmenter``: its twin report;
-    ``mobilenet``: the tiled twin's residuals (``tiled_twin``); ``benchmark``: {name: ``benchmark`` result}.
-    Budgets in pixel units.
+    ``mnist``: {model: ``TwinStudy``} of the PGD that leaves room inside its limit; ``mnist_whole``: the same with
+    PGD run to its limit; ``imagenet``: the ImageNet classifier's study (``model`` names it, ``model_weights``
+    its weights, ``is_paper_model``: it is the paper's ViT-B with trained weights); ``segmenter``: ASMA then twins
+    on the MNIST segmenter, ``asma``: that ASMA run; ``mobilenet``: ``tiled_twin_study`` rows, with the
+    twins' eps, the weights and whether they are trained; ``benchmark``: ``benchmark_set`` rows.
     """
 
-    mnist: dict[tuple[str, float], dict[str, Any]]
-    mnist_eps: float
-    mnist_pgd_eps: float
+    mnist: dict[str, TwinStudy]
+    mnist_whole: dict[str, TwinStudy]
+    imagenet: TwinStudy
     model: str
-    classification: dict[str, Any]
-    imagenet_eps: float
-    asma_iou: tuple[float, float]
-    segmenter: dict[str, Any]
-    mobilenet: dict[str, Any]
-    benchmark: dict[str, dict[str, Any]]
+    model_weights: str
+    is_paper_model: bool
+    segmenter: TwinStudy
+    asma: ASMABatch
+    mobilenet: list[dict[str, Any]]
+    mobilenet_eps: float
+    mobilenet_weights: str
+    mobilenet_trained: bool
+    benchmark: list[dict[str, Any]]
+
+    def studies(self) -> dict[str, TwinStudy]:
+        """Every twin study by name (the whole-budget ones excepted: they may have no twins worth the name)."""
+        return {
+            **{f"MNIST {k}": s for k, s in self.mnist.items()},
+            self.model: self.imagenet,
+            "MNIST segmenter (ASMA)": self.segmenter,
+        }
 
     def extra(self) -> dict[str, Any]:
-        """The results JSON's ``extra`` (model keys as "<model>@<pgd_eps>")."""
+        """The results JSON's ``extra``: each study's summary, ASMA's, the MobileNet rows, the benchmark."""
         return {
-            "mnist": {f"{k}@{e}": r for (k, e), r in self.mnist.items()},
-            "classification": {self.model: self.classification},
-            "mnist_segmenter": self.segmenter,
-            "asma_mnist_iou": list(self.asma_iou),
+            "studies": {k: s.summary() for k, s in self.studies().items()},
+            "whole_budget": {k: s.summary() for k, s in self.mnist_whole.items()},
+            "asma_mnist": self.asma.summary(),
             "mobilenet": self.mobilenet,
             "benchmark": self.benchmark,
         }
 
 
-def _kept(report: dict[str, Any], of: str = "n") -> str:
-    return f"{report['keep_adversarial_prediction']}/{report[of]}"
+def _pooled(rates: Sequence[stats.Rate]) -> stats.Rate:
+    return stats.Rate(sum(r.k for r in rates), sum(r.n for r in rates))
 
 
-def fig3_paper_vs_ours(
-    r: Fig3Results, classification_model: str, segmentation_model: str, bench: str = "MNIST patch"
-) -> list[dict[str, str]]:
-    """Rows (claim, paper, ours) comparing Fig. 3's claims with ``r``; the paper's model names are given."""
-    patch, mlp = r.mnist[("patch", r.mnist_pgd_eps)], r.mnist[("mlp", r.mnist_pgd_eps)]
-    timing = r.benchmark[bench]
-    rows = [
-        (
-            "classification twins keep the PGD prediction",
-            classification_model,
-            f"{r.model}: {_kept(r.classification)} within {r.imagenet_eps * 255:.0f}/255",
+def _pooled_spread(spreads: Sequence[stats.Spread]) -> stats.Spread:
+    values = [v for s in spreads for v in s.values]
+    return stats.Spread.of(values, larger_is_worse=spreads[0].larger_is_worse, unit=spreads[0].unit)
+
+
+def _png_rates(r: Fig3Results) -> dict[str, stats.Rate]:
+    return {k: s.kept_after_png for k, s in r.studies().items()}
+
+
+def fig3_claims(r: Fig3Results, paper_claim: str, paper_models: tuple[str, str]) -> list[dict[str, Any]]:
+    """The Fig. 3 chapter's claims as keyword arguments of ``results.judge`` (criterion, measured value, weights,
+    whether trained weights decide it). ``paper_claim``: the paper's words; ``paper_models``: its classification
+    and segmentation models. Every criterion is fixed here, before any value of ``r`` is read."""
+    classification, segmentation_model = paper_models
+    n_mnist = ", ".join(f"{k} {s.kept.k}/{s.kept.n}" for k, s in r.mnist.items())
+    mnist_inputs = max(s.n_inputs for s in r.mnist.values())
+    whole = _pooled_spread([s.spread("distinct") for s in r.mnist_whole.values()])
+    share = _pooled_spread([s.distinct_share for s in r.studies().values()])
+    png = _png_rates(r)
+    moved = [row for row in r.mobilenet if row["beta"] > 0] or r.mobilenet  # beta = 0: the twin is x' itself
+    pinned = len(r.mobilenet) - len(moved)
+    first = stats.Spread.of(row["first_layer_rel"] for row in moved)
+    masks = stats.Rate.of(row["same_mask"] for row in moved)
+    speed = stats.Spread.of((b["speedup"] for b in r.benchmark), larger_is_worse=False, unit="x")
+    book = "pretrained (book-trained)"
+    return [
+        dict(
+            id="fig3.pgd_twins_keep_prediction_vitb",
+            description=f"PGD colliding adversarial examples keep the prediction ({classification})",
+            criterion=verdict.every("colliding twins keep the PGD prediction").trained(),
+            paper=paper_claim,
+            ours=f"{r.imagenet.kept.text()} twins on {r.model}, {r.imagenet.fooling.n} photos",
+            measured=r.imagenet.kept,
+            trained=r.is_paper_model,
+            weights=r.model_weights,
+            reason=""
+            if r.is_paper_model
+            else f"{classification} with trained weights is needed; measured on {r.model} ({r.model_weights})",
         ),
-        ("MNIST patch / MLP twins keep the prediction", "—", f"{_kept(patch)}, {_kept(mlp)}"),
-        (
-            "segmentation twins keep the ASMA mask",
-            segmentation_model,
-            f"MNIST segmenter {_kept(r.segmenter)}; MobileNet-V3 first layer "
-            f"moves by {r.mobilenet['first_layer_rel']:.2g} (relative): not exact",
+        dict(
+            id="fig3.pgd_twins_mnist",
+            description=f"PGD colliding adversarial examples keep the prediction ({mnist_inputs} MNIST test digits, "
+            "book-trained patch model and MLP)",
+            criterion=verdict.every("twins within the attack's eps keep the adversarial prediction"),
+            paper=paper_claim,
+            ours=_pooled([s.kept for s in r.mnist.values()]).text() + f" ({n_mnist})",
+            measured=_pooled([s.kept for s in r.mnist.values()]),
+            trained=True,
+            weights=book,
+            reason=f"PGD with limit {next(iter(r.mnist.values())).eps:g} stops at "
+            f"{max(s.reach or 0.0 for s in r.mnist.values()):g} (no random start), leaving the twins room",
         ),
-        (
-            "100 twins vs 100 PGD runs",
-            "—",
-            f"{timing['seconds_colliding']:.2f} s vs {timing['seconds_pgd_loop']:.2f} s ({bench})",
+        dict(
+            id="fig3.pgd_twins_beyond_vitb",
+            description=f"exact PGD twins keep the prediction on {r.model} ({r.model_weights} weights)",
+            criterion=verdict.every("twins within the attack's eps keep the adversarial prediction", kind="beyond"),
+            paper="—",
+            ours=r.imagenet.kept,
+            measured=r.imagenet.kept,
+            trained=True,
+            weights=r.model_weights,
+            reason=f"{r.imagenet.n_inputs} inputs: the offline photos and flips of the first ones",
+        ),
+        dict(
+            id="fig3.twins_are_numerous",
+            description="every adversarial example has as many distinct twins as drawn, within the attack's limit",
+            criterion=verdict.at_least(1.0, "distinct twins / twins drawn (worst fooled input)"),
+            paper="numerous colliding adversarial examples per adversarial example",
+            ours=share,
+            measured=share,
+            trained=True,
+            weights=f"{book} / {r.model_weights}",
+        ),
+        dict(
+            id="fig3.whole_budget_leaves_no_room",
+            description="PGD run to its limit (random start) leaves no room: every fooled digit's twins collapse "
+            "onto x'",
+            criterion=verdict.at_most(1, "distinct twins per fooled digit (largest)", kind="beyond"),
+            paper="—",
+            ours=f"{whole.text()}; one distinct twin: " + _pooled([s.collapsed for s in r.mnist_whole.values()]).text(),
+            measured=whole,
+            trained=True,
+            weights=book,
+        ),
+        dict(
+            id="fig3.twins_survive_png",
+            description="twins keep the adversarial prediction (mask) after an 8-bit PNG round trip",
+            criterion=verdict.holds_when(
+                f"in every study, lower 95% bound of the share of twins that keep it ≥ {PNG_KEEP:.0%}",
+                lambda rates: all(rate.interval[0] >= PNG_KEEP for rate in rates.values()),
+                kind="beyond",
+            ),
+            paper="—",
+            ours="; ".join(f"{k}: {v.text()}" for k, v in png.items()),
+            measured=png,
+            trained=True,
+            weights=f"{book} / {r.model_weights}",
+        ),
+        dict(
+            id="fig3.asma_twins_mnist",
+            description=f"ASMA colliding twins keep the adversarial mask ({r.segmenter.n_inputs} MNIST digits, "
+            "book-trained segmenter with a patch first layer)",
+            criterion=verdict.every("twins within ASMA's eps keep its mask pixel for pixel"),
+            paper="same predicted mask",
+            ours=r.segmenter.kept,
+            measured=r.segmenter.kept,
+            trained=True,
+            weights=book,
+            reason=f"tau, beta scaled by 1e4 (published values barely move this model); ASMA changed "
+            f"{r.segmenter.fooling.text()} masks",
+        ),
+        dict(
+            id="fig3.asma_twins_mobilenet",
+            description=f"the tiled null-space twin is an exact collision on {segmentation_model} "
+            f"({len(r.mobilenet)} photos)",
+            criterion=verdict.at_most(ROUND_OFF, "first-layer relative change (worst input)"),
+            paper="same predicted mask",
+            ours=first,
+            measured=first,
+            trained=True,
+            weights=r.mobilenet_weights,
+            reason="3x3 stride-2 padded first conv: windows overlap and the whole-image operator is injective "
+            f"(12 inputs vs 16 outputs per position), for any weights; {pinned} photo(s) left out: a pixel at "
+            "0 or 1 pins the tiled beta to 0 (the twin is x' itself)",
+        ),
+        dict(
+            id="fig3.asma_mask_mobilenet",
+            description=f"the tiled twin keeps the ASMA mask on {segmentation_model}",
+            criterion=verdict.every("twins keep the ASMA mask pixel for pixel").trained(),
+            paper="same predicted mask",
+            ours=masks,
+            measured=masks,
+            trained=r.mobilenet_trained,
+            weights=r.mobilenet_weights,
+            reason="" if r.mobilenet_trained else "a random DeepLabV3 maps every input to (almost) one output",
+        ),
+        dict(
+            id="fig3.twins_cheaper_than_pgd",
+            description=f"{r.benchmark[0]['n']} twins from one PGD run take less time than "
+            f"{r.benchmark[0]['n']} PGD runs (MNIST patch model)",
+            criterion=verdict.at_least(1.0, "speedup (worst input)", kind="beyond"),
+            paper="—",
+            ours=speed,
+            measured=speed,
+            trained=True,
+            weights=book,
+            reason="wall-clock on the build machine"
+            + (" (PGD loop timed on fewer runs and scaled)" if r.benchmark[0]["extrapolated"] else ""),
         ),
     ]
-    return [dict(zip(["claim", "paper", "ours"], row)) for row in rows]
 
 
-def fig3_requirements(
-    r: Fig3Results, *, min_distinct: int = 100, max_rel_change: float = 1e-4
-) -> dict[str, list[Requirement]]:
-    """Fig. 3's decision rules on ``r``, grouped by the claim they back.
-
-    "classification": the classification twins within eps, in range, distinct, all keeping the prediction, and
-    logits equal to ``max_rel_change``. "mnist": every MNIST twin within eps, in [0, 1] and with the adversarial
-    prediction; at the smaller PGD budget at least ``min_distinct`` distinct twins from an adversarial example that
-    differs from the clean prediction, logits equal to ``max_rel_change``; twins cheaper than the PGD loop.
-    "segmenter": ASMA raises the IoU, every segmenter twin keeps the mask within eps. "mobilenet": the tiled
-    twin within the ImageNet budget.
-    """
-    c, eps255 = r.classification, f"{r.imagenet_eps * 255:.0f}/255"
-    out: dict[str, list[Requirement]] = {
-        "classification": [
+def fig3_checks(r: Fig3Results) -> list[Requirement]:
+    """Internal checks of our own code (each can fail; ``results.Checks`` fails the build when one does):
+    every attack within its reach (PGD) or its eps (ASMA); every twin within the attack's eps of the clean
+    input and in [0, 1]; exact twins' logits equal to round-off (``ROUND_OFF``); ASMA raising the mean IoU with
+    its target; the tiled twins within eps and in [0, 1]."""
+    out = []
+    for name, s in {**r.studies(), **{f"MNIST {k}, whole budget": v for k, v in r.mnist_whole.items()}}.items():
+        if not s.reports:
+            out.append(Requirement(False, f"{name}: the attack fools at least one input", s.fooling.text()))
+            continue
+        linf, outside = s.spread("max_linf_to_clean").worst, s.spread("outside_unit_range").worst
+        change = s.spread("max_rel_output_change").worst
+        reach = s.reach if s.reach is not None else s.eps
+        out += [
             Requirement(
-                c["within_eps"] and c["in_range"] and c["keep_adversarial_prediction"] == c["n"] == c["distinct"],
-                f"{r.model}: every twin within {eps255}, in range, distinct, same prediction",
-                f"{_kept(c)}, l_inf {c['max_linf_to_clean']:.5f}",
+                s.spread("reach").worst <= reach + PIXEL_SLACK,
+                f"{name}: the attack stays within its reach {reach:.4g}",
+                f"{s.spread('reach').worst:.4g}",
             ),
             Requirement(
-                c["max_rel_output_change"] < max_rel_change,
-                f"{r.model}: logits equal to round-off",
-                f"{c['max_rel_output_change']:.2e}",
+                linf <= s.eps + PIXEL_SLACK and outside == 0,
+                f"{name}: every twin within the attack's eps {s.eps:.4g} and in [0, 1]",
+                f"l_inf {linf:.4g}, outside {outside:.2g}",
             ),
-        ],
-        "mnist": [],
-        "segmenter": [
-            Requirement(
-                r.asma_iou[1] > r.asma_iou[0],
-                "ASMA raises the IoU with the target (MNIST segmenter)",
-                f"{r.asma_iou[0]:.3f} -> {r.asma_iou[1]:.3f}",
-            ),
-            Requirement(
-                r.segmenter["keep_adversarial_prediction"] == r.segmenter["n"] and r.segmenter["within_eps"],
-                "MNIST segmenter: every twin keeps the ASMA mask exactly, within eps",
-                str(r.segmenter["keep_adversarial_prediction"]),
-            ),
-        ],
-        "mobilenet": [
-            Requirement(
-                r.mobilenet["linf_to_clean"] <= r.imagenet_eps + 1e-6,
-                "MobileNet-V3 tiled twin within budget",
-                f"{r.mobilenet['linf_to_clean']:.5f}",
-            )
-        ],
-    }
-    mnist = out["mnist"]
-    for (kind, pgd_eps), rep in r.mnist.items():
-        mnist += [
-            Requirement(
-                rep["within_eps"] and rep["in_range"],
-                f"MNIST {kind} (PGD {pgd_eps}): twins within eps and in [0, 1]",
-                f"{rep['max_linf_to_clean']:.4f} <= {r.mnist_eps}",
-            ),
-            Requirement(
-                rep["keep_adversarial_prediction"] == rep["n"],
-                f"MNIST {kind} (PGD {pgd_eps}): every twin keeps the adversarial prediction",
-                _kept(rep),
-            ),
+            Requirement(change < ROUND_OFF, f"{name}: twins' outputs equal x''s to round-off", f"{change:.2e}"),
         ]
-    for kind in dict.fromkeys(k for k, _ in r.mnist):
-        rep = r.mnist[(kind, r.mnist_pgd_eps)]
-        mnist += [
-            Requirement(
-                rep["distinct"] >= min_distinct and rep["adversarial_differs_from_clean"],
-                f"MNIST {kind}: >= {min_distinct} distinct colliding adversarial examples",
-                str(rep["distinct"]),
-            ),
-            Requirement(
-                rep["max_rel_output_change"] < max_rel_change,
-                f"MNIST {kind}: logits equal to round-off",
-                f"{rep['max_rel_output_change']:.2e}",
-            ),
-        ]
-    for name, b in r.benchmark.items():
-        ok = b["seconds_colliding"] < b["seconds_pgd_loop"]
-        mnist.append(
-            Requirement(ok, f"{b['n']} twins are cheaper than {b['n']} PGD runs ({name})", f"{b['speedup']:.1f}x")
+    start, end = sum(r.asma.iou_start) / len(r.asma.iou_start), sum(r.asma.iou_end) / len(r.asma.iou_end)
+    out.append(Requirement(end > start, "ASMA raises the mean IoU with the target", f"{start:.3f} -> {end:.3f}"))
+    worst = max((row["linf_to_clean"] for row in r.mobilenet), default=0.0)
+    outside = max((row["outside_unit_range"] for row in r.mobilenet), default=0.0)
+    limit = r.mobilenet_eps
+    out.append(
+        Requirement(
+            worst <= limit + PIXEL_SLACK and outside == 0,
+            f"tiled twins within eps {limit:.4g} and in [0, 1]",
+            f"l_inf {worst:.4g}, outside {outside:.2g}",
         )
+    )
     return out

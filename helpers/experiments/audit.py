@@ -23,9 +23,11 @@ Trainable: every weight matrix the model *has*, whether or not ``requires_grad``
 models freeze ``conv1`` and ``layer1`` when built with pretrained weights; the paper's ``nullity(W1)`` of 83/84 for
 them is the frozen ``conv1``). ``audit_model(..., trainable_only=True)`` drops frozen ones instead.
 
-Rank rule: ``rank = #{sigma_i > rtol * sigma_max}`` of the singular values computed in ``dtype`` (the rule of
-``torch.linalg.matrix_rank`` and ``numpy.linalg.matrix_rank``); ``rtol=None`` means their default
-``max(rows, cols) * eps(dtype)``.
+Rank rule (:mod:`helpers.linalg.rank_rule`, the book's one rule, shared with the kernel bases of
+:mod:`helpers.linalg.kernels`): ``rank = #{sigma_i > rtol * sigma_max}`` of the singular values computed in
+float64; ``rtol=None`` means ``max(rows, cols) * eps(dtype)`` (the default of ``torch.linalg.matrix_rank`` and
+``numpy.linalg.matrix_rank``), where ``dtype`` is the *precision* the matrices are judged at: float32 (how the
+weights are stored; the kernel bases use it) or float64.
 
 Two ways to get the same ranks: ``method="reference"`` runs ``svdvals`` on every matrix one by one;
 ``method="fast"`` (default) batches equal shapes, forms the Gram matrix of the smaller side in float64 and
@@ -51,14 +53,18 @@ from torch import nn
 from helpers import runtime
 from helpers.linalg.rank_rule import (
     Method,
+    default_rtol,
     matrix_ranks,
     rank_from_singular_values,
+    rank_margin,
     reference_rank,
+    rounding_allowance,
 )
 from helpers.progress import progress_bar
 
 #: Bump when the matrix rule or the rank rule changes: cached audits with another version are ignored.
-RULE_VERSION = 1
+#: Version 2: singular values always in float64 (the float32 precision only sets the tolerance).
+RULE_VERSION = 2
 
 
 ConvTransposeRule = Literal["skip", "operator", "as_stored"]
@@ -312,7 +318,7 @@ def describe_rule(
     dname = str(dtype).replace("torch.", "")
     tol = f"rtol={rtol:g}" if rtol is not None else f"rtol=max(rows,cols)*eps({dname}) (matrix_rank default)"
     return (
-        f"rank = #{{sigma > rtol*sigma_max}}, svdvals in {dname}, {tol}; conv: out x in/groups*k; "
+        f"rank = #{{sigma > rtol*sigma_max}}, svdvals in float64, {tol}; conv: out x in/groups*k; "
         f"conv-transpose: {conv_transpose}; linear/attention as stored; "
         f"{'requires_grad only' if trainable_only else 'all weight matrices (frozen ones too)'}"
     )
@@ -456,7 +462,8 @@ def spectra(
     conv_transpose: ConvTransposeRule = "skip",
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Singular values (descending, CPU, ``dtype``) of every weight matrix: the reference SVDs."""
+    """Singular values (descending, CPU, float64) of every weight matrix: the reference SVDs (``dtype``, the
+    precision, does not change them)."""
     out = {}
     mats = weight_matrices(model, conv_transpose=conv_transpose)
     for m in progress_bar(mats, desc="spectra", leave=False, disable=not progress):
@@ -477,6 +484,68 @@ def sweep(
         nu.append(sum(x >= 1 for x in nullities))
         total.append(sum(nullities))
     return {"nu": nu, "sum_nullity": total}
+
+
+#: Matrices with more entries than this are left out of :func:`independent_rank_check`'s random sample (their
+#: numpy SVD would cost seconds each); W1 is always checked.
+INDEPENDENT_MAX_ENTRIES = 2**21
+
+
+def numpy_rank(matrix: torch.Tensor, precision: torch.dtype, rtol: float | None = None) -> tuple[int, float]:
+    """(rank, margin) of a 2-D matrix by an SVD independent of the audit's code path: ``numpy.linalg.svd`` in
+    float64 (LAPACK through numpy, not torch) and the rule's threshold at ``precision``; the margin is
+    :func:`helpers.linalg.rank_rule.rank_margin` of numpy's singular values."""
+    import numpy as np
+
+    a = matrix.detach().to("cpu", torch.float64).numpy()
+    shape = (int(a.shape[0]), int(a.shape[1]))
+    sigma = np.linalg.svd(a, compute_uv=False)
+    if sigma.size == 0 or sigma.max() == 0:
+        return 0, math.inf
+    r = default_rtol(shape, precision) if rtol is None else rtol
+    return int((sigma > r * sigma.max()).sum()), rank_margin(torch.from_numpy(sigma), shape, precision, rtol)
+
+
+def sample_matrices(
+    matrices: Sequence[WeightMatrix], k: int, seed: int = 0, max_entries: int = INDEPENDENT_MAX_ENTRIES
+) -> list[int]:
+    """Indices of W1 (index 0) and ``k`` other matrices drawn at random (``seed``) among those with at most
+    ``max_entries`` entries, in registration order."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = [i for i, m in enumerate(matrices) if i > 0 and m.matrix.numel() <= max_entries]
+    picked = [pool[int(j)] for j in torch.randperm(len(pool), generator=gen)[:k]] if pool else []
+    return [0, *sorted(picked)] if matrices else []
+
+
+def independent_rank_check(
+    matrices: Sequence[WeightMatrix], audit: ModelAudit, indices: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The audit's rank of each matrix in ``indices`` (``matrices`` in the audit's order) against
+    :func:`numpy_rank` at the audit's precision. One record per matrix: name, shape, precision, both ranks,
+    ``agree``, the margin of numpy's singular values from the threshold and the rounding allowance it must
+    exceed (``robust``: the rank cannot depend on the SVD's rounding)."""
+    precision = getattr(torch, audit.dtype)
+    out = []
+    for i in indices:
+        m, row = matrices[i], audit.rows[i]
+        if m.name != row.name:
+            raise ValueError(f"matrix {i} is {m.name!r} but the audit's row {i} is {row.name!r}: not the same model")
+        rank, margin = numpy_rank(m.matrix, precision, audit.rtol)
+        allowance = rounding_allowance(m.shape)
+        out.append(
+            {
+                "matrix": m.name,
+                "shape": f"{m.shape[0]}x{m.shape[1]}",
+                "precision": audit.dtype,
+                "audit rank": row.rank,
+                "numpy rank": rank,
+                "agree": rank == row.rank,
+                "margin": margin,
+                "allowance": allowance,
+                "robust": margin > allowance,
+            }
+        )
+    return out
 
 
 def compare_methods(

@@ -28,11 +28,13 @@ import torchattacks
 from scipy import stats
 from torch import nn
 
-from helpers.book import results
+from helpers.book import results, verdict
+from helpers.book.verdict import Budget, Criterion
 from helpers.data import mnist_data, normalization, photos
 from helpers.models import train
 from helpers.models.forward import device_of
 from helpers.progress import progress_bar
+from helpers.stats import Rate
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -542,14 +544,21 @@ def imagenet_input_size(model: nn.Module, name: str) -> int:
 
 def imagenet_robust_agreement(
     model: nn.Module, pixels: torch.Tensor, eps: float, steps: int = 10, seed: int = 0
-) -> float:
-    """Fraction of images (B, 3, H, W) in [0, 1] whose top-1 class survives l_inf PGD at ``eps`` (pixel
-    units). Labels are the model's own clean predictions (the sample images carry no ImageNet label)."""
+) -> Rate:
+    """How many images (B, 3, H, W) in [0, 1] keep their top-1 class under l_inf PGD at ``eps`` (pixel units),
+    as a :class:`helpers.stats.Rate` (k of B, Wilson 95% interval). Labels are the model's own clean predictions
+    (the photographs carry no ImageNet label)."""
     imagenet = (normalization.IMAGENET_MEAN, normalization.IMAGENET_STD)
     wrapped = normalization.PixelSpace(model, *imagenet).to(device_of(model)).eval()
     with torch.no_grad():
         own = wrapped(pixels).argmax(1)
-    return pgd_robust_accuracy(wrapped, pixels, own, eps, steps, batch=len(pixels), seed=seed)
+    share = pgd_robust_accuracy(wrapped, pixels, own, eps, steps, batch=len(pixels), seed=seed)
+    return Rate(round(share * len(pixels)), len(pixels))
+
+
+def agreement_column(eps: float) -> str:
+    """Name of the ImageNet row's column with the robust agreement at ``eps`` as text (k/n, share, 95% CI)."""
+    return f"agreement@{eps:g}"
 
 
 def imagenet_row(
@@ -561,14 +570,17 @@ def imagenet_row(
     device: torch.device,
     with_audit: bool = True,
 ) -> dict[str, Any]:
-    """Metrics and PGD robust agreement on the sample ``images`` for one ImageNet classifier."""
+    """Metrics and PGD robust agreement of one ImageNet classifier on the photographs ``images`` (names of
+    ``photos.natural_image_set``, e.g. ``photos.NATURAL_IMAGES``): per budget, the share (``pgd_column``) and
+    the rate with its 95% interval as text (``agreement_column``)."""
     size = imagenet_input_size(model, name)
-    pixels = torch.cat([photos.imagenet_pixels(photos.load_image(i), size) for i in images]).to(device)
-    row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in model.parameters())}
+    _, pixels = photos.natural_image_set(size, tuple(images))
+    row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in model.parameters()), "images": len(pixels)}
     if with_audit:
         row.update(audit_metrics(model))
     for e in eps:
-        row[pgd_column(e)] = imagenet_robust_agreement(model, pixels, e, steps)
+        rate = imagenet_robust_agreement(model, pixels.to(device), e, steps)
+        row[pgd_column(e)], row[agreement_column(e)] = rate.value, rate.text()
     return row
 
 
@@ -633,7 +645,7 @@ def fab_step_check(
     measured at that width) and measure its median minimal l2 perturbation again with twice
     ``settings.fab_steps`` on the same evaluation digits.
 
-    Returns {"width", "steps", "median_l2" (from the sweep row), "longer" (2x steps), "change_pct"}; l2 in
+    Returns {"family", "width", "steps", "median_l2" (from the sweep row), "longer" (2x steps), "change_pct"}; l2 in
     pixel units, change in percent."""
     members = sorted((r for r in rows if r["family"] == family), key=lambda r: r["width"])
     if not members:
@@ -643,6 +655,7 @@ def fab_step_check(
     images, labels = evaluation_subset(settings.eval_size, settings.seed)
     longer = median_minimal_l2(minimal_l2_distances(model, images, labels, 2 * settings.fab_steps))
     return {
+        "family": family,
         "width": probe["width"],
         "steps": settings.fab_steps,
         "median_l2": probe["median_l2"],
@@ -671,32 +684,365 @@ def supports_h(pooled: Correlation | None, partial: Correlation | None) -> bool:
     return ci_below_zero(pooled) and ci_below_zero(partial)
 
 
-def verdict(
+def trend(c: Correlation | None) -> str:
+    """Where the 95% interval of ``c`` lies: "below" 0, "above" 0, "across" 0 (it contains 0), or "undefined"
+    (no correlation: missing, or the metric is constant)."""
+    if c is None or any(math.isnan(v) for v in (c.rho, c.lo, c.hi)):
+        return "undefined"
+    if c.hi < 0:
+        return "below"
+    if c.lo > 0:
+        return "above"
+    return "across"
+
+
+#: What each :func:`trend` of a rank correlation between a metric and robustness says, in words.
+TREND_WORDS = {
+    "below": "more of the metric goes with less robustness (H's direction)",
+    "above": "more of the metric goes with more robustness (against H)",
+    "across": "no clear correlation (the interval contains 0)",
+    "undefined": "undefined (the metric is constant there)",
+}
+
+
+#: The same for a yardstick (width, parameter count, clean accuracy), about which H says nothing.
+YARDSTICK_WORDS = {
+    "below": "more of it goes with less robustness",
+    "above": "more of it goes with more robustness",
+    "across": "no clear correlation (the interval contains 0)",
+    "undefined": "undefined (constant)",
+}
+
+
+#: Readable names of the risk columns in texts.
+RISK_WORDS = {"median_l2": "median ℓ2"}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the rule for H judges for one metric, or for a group of metrics equal in every model (one metric
+    there, one piece of evidence): rank correlations of the metric with the robustness column ``risk``, pooled,
+    given log10(#parameters) (``partial``; None when the metric is that control), given clean accuracy, and
+    within each family."""
+
+    metrics: tuple[str, ...]
+    risk: str
+    pooled: Correlation
+    partial: Correlation | None
+    given_accuracy: Correlation | None
+    families: dict[str, Correlation]
+
+    @property
+    def label(self) -> str:
+        return " = ".join(METRICS.get(m, m) for m in self.metrics)
+
+    def text(self) -> str:
+        partial = self.partial.text() if self.partial else "—"
+        head = f"ρ({RISK_WORDS.get(self.risk, self.risk)}) = {self.pooled.text()}, given log #params {partial}"
+        return "; ".join([head, *(f"{f}: {c.text()}" for f, c in self.families.items())])
+
+
+def evidence(
     table: Sequence[dict[str, Any]],
-    metric: str,
+    metrics: str | Sequence[str],
     families: Iterable[str],
     risk: str = "median_l2",
     control: str = "log10_params",
-) -> tuple[bool, str]:
-    """(supports H, text) for one metric of a :func:`correlation_table`: :func:`supports_h` on its pooled and
-    partial (given ``control``) correlation with ``risk``; the text gives both and the within-family ones."""
-    row = next((r for r in table if r["risk"] == risk and r["metric"] == metric), None)
+    accuracy: str = "clean_acc",
+) -> Evidence:
+    """The :class:`Evidence` for ``metrics`` (one name, or a group from :func:`metric_groups`, read from its first
+    member) in a :func:`correlation_table`: its correlations with ``risk`` pooled, given ``control``, given
+    ``accuracy`` and within each of ``families``."""
+    group = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    row = next((r for r in table if r["risk"] == risk and r["metric"] == group[0]), None)
     if row is None:
         have = sorted({r["metric"] for r in table if r["risk"] == risk})
-        raise KeyError(f"no correlation of {metric!r} with {risk!r} in the table; valid: {', '.join(have)}")
-    pooled, partial = row["pooled"], row[f"given {control}"]
-    text = f"ρ(median ℓ2) = {pooled.text()}, given log #params {partial.text() if partial else '—'}; " + "; ".join(
-        f"{f}: {row[f].text()}" for f in families
+        raise KeyError(f"no correlation of {group[0]!r} with {risk!r} in the table; valid: {', '.join(have)}")
+    return Evidence(
+        group,
+        risk,
+        row["pooled"],
+        row.get(f"given {control}"),
+        row.get(f"given {accuracy}"),
+        {f: row[f] for f in families},
     )
-    return supports_h(pooled, partial), text
 
 
-def verdicts(
-    table: Sequence[dict[str, Any]], families: Iterable[str], metrics: Sequence[str] = PAPER_METRICS
-) -> dict[str, tuple[bool, str]]:
-    """Metric -> :func:`verdict` for each of ``metrics`` (default: the four of Sec. 7 / Table 1)."""
+def metric_groups(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = PAPER_METRICS) -> list[tuple[str, ...]]:
+    """``metrics`` grouped by their columns: metrics equal in every row of the sweep are one metric there (their
+    correlations are the same numbers), so they form one group and count as one piece of evidence. Order kept."""
+    groups: list[tuple[str, ...]] = []
+    for m in metrics:
+        column = _column(rows, m)
+        same = next((i for i, g in enumerate(groups) if np.array_equal(_column(rows, g[0]), column)), None)
+        if same is None:
+            groups.append((m,))
+        else:
+            groups[same] = (*groups[same], m)
+    return groups
+
+
+def evidences(
+    table: Sequence[dict[str, Any]], groups: Sequence[Sequence[str]], families: Iterable[str]
+) -> list[Evidence]:
+    """:func:`evidence` for each metric group (see :func:`metric_groups`), with the median minimal l2 as risk."""
     families = list(families)
-    return {m: verdict(table, m, families) for m in metrics}
+    return [evidence(table, g, families) for g in groups]
+
+
+#: Hypothesis H's rule (stated in the chapter before anything is measured), as the claims' criterion text.
+H_RULE = (
+    "H: the 95% cluster-bootstrap interval of Spearman ρ between the metric and the median minimal ℓ2 "
+    "perturbation lies below 0, pooled and given log10(#parameters)"
+)
+
+
+def gauge_criterion() -> Criterion:
+    """The criterion of a Sec. 7 gauge claim on the MNIST sweep: H's rule (:func:`supports_h`) on an
+    :class:`Evidence`. An open question of the paper, decidable only on trained models."""
+    return verdict.holds_when(H_RULE, lambda e: supports_h(e.pooled, e.partial), kind="open question").trained()
+
+
+def imagenet_supports_h(correlations: Mapping[str, Correlation] | None) -> bool:
+    """The ImageNet decision rule: every metric's 95% interval of ρ with robust agreement lies below 0."""
+    return correlations is not None and bool(correlations) and all(map(ci_below_zero, correlations.values()))
+
+
+def imagenet_criterion(photos_count: int = len(photos.NATURAL_IMAGES)) -> Criterion:
+    """The criterion of the ImageNet gauge claim: :func:`imagenet_supports_h` on the metric -> correlation map;
+    only pretrained classifiers can decide it."""
+    text = (
+        "every Sec. 7 metric's 95% bootstrap interval of Spearman ρ with PGD robust agreement "
+        f"(on {photos_count} photographs) lies below 0"
+    )
+    return verdict.holds_when(text, imagenet_supports_h, kind="open question").trained()
+
+
+#: Our addition: trained first layers have full rank, so the width alone sets nullity(W1) in the sweep.
+FULL_RANK_CRITERION = verdict.holds_when(
+    "nullity(W1) = max(0, p − q), i.e. W1 has full rank, in every model of the sweep (k = n)",
+    lambda r: r.n > 0 and r.k == r.n,
+    kind="beyond",
+)
+
+
+#: The weights label of the MNIST sweep's claims.
+MNIST_WEIGHTS = "trained by the book"
+
+
+def full_rank_rate(rows: Sequence[dict[str, Any]]) -> Rate:
+    """Models whose audited nullity(W1) equals max(0, p − q), i.e. whose first weight has full rank."""
+    return Rate.of(r["nullity_w1"] == r["expected_nullity_w1"] for r in rows)
+
+
+def sweep_budget(rows: Sequence[dict[str, Any]], full: Mapping[str, Sequence[int]] = SWEEP_FULL) -> Budget:
+    """The sweep's size in width configurations (the cluster bootstrap's independent units) against the full
+    sweep's. The paper proposes the study without running it, so the reference is this chapter's full build:
+    a quick sweep (2 widths per family) is too small for the rule's intervals to mean much."""
+    configurations = len({(r["family"], r["width"]) for r in rows})
+    total = sum(len(w) for w in full.values())
+    return Budget(configurations, total, "width configurations", reference="the full build's (the paper runs no sweep)")
+
+
+def rule_reason(e: Evidence) -> str:
+    """Where the two intervals of H's rule lie for ``e`` (the scoreboard's reason)."""
+    where = {"below": "below 0", "above": "above 0", "across": "contains 0", "undefined": "undefined"}
+    return f"interval pooled: {where[trend(e.pooled)]}; given log #params: {where[trend(e.partial)]}"
+
+
+def gauge_claims(
+    rows: Sequence[dict[str, Any]],
+    evidence_list: Sequence[Evidence],
+    imagenet: Mapping[str, Correlation] | None,
+    *,
+    imagenet_trained: bool,
+    imagenet_weights: str,
+) -> list[results.Claim]:
+    """The chapter's claims, each judged by its criterion (:func:`results.judge`): trained W1 has full rank (our
+    addition, over every model of the sweep); each metric group as a gauge on the MNIST sweep (open question,
+    :func:`gauge_criterion`, with the :func:`sweep_budget`); and the ImageNet question (open question, not
+    checkable unless ``imagenet_trained``; ``imagenet`` is the metric -> correlation map, None when not measured)."""
+    budget = sweep_budget(rows)
+    claims = [
+        results.judge(
+            "10.w1_full_rank",
+            "trained first layers have full rank, so the width alone sets nullity(W1) (MNIST sweep)",
+            FULL_RANK_CRITERION,
+            paper="nullity(W1) ≥ 1 when q < p (forced by rank–nullity: an internal check here)",
+            ours=full_rank_rate(rows),
+            weights=MNIST_WEIGHTS,
+        )
+    ]
+    for e in evidence_list:
+        equal = " (equal in every model of the sweep: one metric, judged once)" if len(e.metrics) > 1 else ""
+        claims.append(
+            results.judge(
+                f"10.gauge.{'+'.join(e.metrics)}",
+                f"Sec. 7: {e.label} gauges adversarial risk{equal} (MNIST width sweep, median min. ℓ2)",
+                gauge_criterion(),
+                paper="proposed, not measured",
+                ours=e.text(),
+                measured=e,
+                trained=True,
+                weights=MNIST_WEIGHTS,
+                reason=rule_reason(e),
+                budget=budget,
+            )
+        )
+    claims.append(
+        results.judge(
+            "10.gauge.imagenet",
+            "Sec. 7: the metrics gauge adversarial risk across the Table 1 ImageNet classifiers",
+            imagenet_criterion(),
+            paper="proposed, not measured",
+            ours=correlation_summary(imagenet),
+            measured=imagenet,
+            trained=imagenet_trained,
+            weights=imagenet_weights,
+            reason="" if imagenet_trained else "needs pretrained ImageNet weights",
+        )
+    )
+    return claims
+
+
+def trend_phrase(c: Correlation | None, words: Mapping[str, str] = TREND_WORDS) -> str:
+    """``c`` and what it says (``words`` by :func:`trend`); a dash when there is no such correlation."""
+    if c is None:
+        return "— (the metric is the control)"
+    return f"ρ = {c.text()}: {words[trend(c)]}"
+
+
+def _join(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def headline(evidence_list: Sequence[Evidence], budget: Budget | None = None) -> str:
+    """Which Sec. 7 metrics meet H's rule in this run and which do not; first, when ``budget`` is below
+    (:func:`sweep_budget`), that the sweep is too small for the outcome to decide anything."""
+    meet = [e.label for e in evidence_list if supports_h(e.pooled, e.partial)]
+    miss = [e.label for e in evidence_list if not supports_h(e.pooled, e.partial)]
+    if not meet:
+        text = f"none of the Sec. 7 metrics meets the rule ({_join(miss)} do not)."
+    elif not miss:
+        text = f"every Sec. 7 metric meets the rule ({_join(meet)})."
+    else:
+        meets = "meets" if len(meet) == 1 else "meet"
+        does = "does" if len(miss) == 1 else "do"
+        text = f"{_join(meet)} {meets} the rule; {_join(miss)} {does} not."
+    if budget is not None and budget.below:
+        return (
+            f"This sweep has {budget.ours:g} of the full sweep's {budget.paper:g} width configurations, too few for "
+            f"these intervals to decide anything; as measured, {text}"
+        )
+    return f"In this run {text}"
+
+
+def reading_markdown(evidence_list: Sequence[Evidence]) -> str:
+    """One bullet per metric group: its correlations with the median minimal l2 pooled, given the parameter count
+    and given clean accuracy, each with what it says, and whether the metric meets H's rule (and, when it does,
+    whether clean accuracy could account for it)."""
+    bullets = []
+    for e in evidence_list:
+        ok = supports_h(e.pooled, e.partial)
+        verdict_words = "**Meets the rule.**" if ok else "**Does not meet the rule.**"
+        if ok and trend(e.given_accuracy) != "below":
+            verdict_words += " Given clean accuracy its interval is not below 0: accuracy can account for it."
+        bullets.append(
+            f"* **{e.label}**: pooled {trend_phrase(e.pooled)}; given log10(#parameters) {trend_phrase(e.partial)}; "
+            f"given clean accuracy {trend_phrase(e.given_accuracy)}. {verdict_words}"
+        )
+    return "\n".join(bullets)
+
+
+def yardsticks_markdown(table: Sequence[dict[str, Any]], risk: str = "median_l2") -> str:
+    """One bullet per yardstick (first-layer width, log10 #parameters, clean accuracy): its pooled correlation with
+    ``risk`` and what it says, for comparison with the null-space metrics."""
+    pooled = pooled_correlations(table, risk, ("width", "log10_params", "clean_acc"))
+    return "\n".join(f"* {METRICS[m]}: {trend_phrase(c, YARDSTICK_WORDS)}" for m, c in pooled.items())
+
+
+def identity_text(rows: Sequence[dict[str, Any]], a: str = "nu_over_n", b: str = "mu_over_n") -> str:
+    """Whether metrics ``a`` and ``b`` are equal in every model of the sweep (then they are one metric there and
+    are judged once), from the data."""
+    same = sum(r[a] == r[b] for r in rows)
+    names = f"{METRICS[a]} and {METRICS[b]}"
+    if same == len(rows):
+        return (
+            f"{names} are equal in all {len(rows)} models of this sweep (a full-rank matrix has a non-trivial "
+            "kernel exactly when it is wide), so here they are one metric: their correlations are the same numbers, "
+            "and they are judged once"
+        )
+    return f"{names} differ in {len(rows) - same} of {len(rows)} models, so they are judged as separate metrics"
+
+
+def bookkeeping_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """One bullet per family, from the narrowest to the widest first layer (means over seeds): nullity(W1), the
+    sum of nullities, the number of weight matrices and the distinct values of ν/n."""
+    bullets = []
+    for f in dict.fromkeys(r["family"] for r in rows):
+        fam = [r for r in rows if r["family"] == f]
+        ends = sorted(by_configuration(fam, ["nullity_w1", "sum_nullity"]), key=lambda r: r["width"])
+        nu = sorted({round(float(r["nu_over_n"]), 4) for r in fam})
+        n = sorted({int(r["n"]) for r in fam})
+        bullets.append(
+            f"* `{f}` (q = {ends[0]['width']} → {ends[-1]['width']}): nullity(W1) {ends[0]['nullity_w1']:g} → "
+            f"{ends[-1]['nullity_w1']:g}, Σ nullity {ends[0]['sum_nullity']:g} → {ends[-1]['sum_nullity']:g}; "
+            f"{'/'.join(map(str, n))} weight matrices; ν/n takes {len(nu)} value(s): "
+            + ", ".join(f"{v:.2f}" for v in nu)
+        )
+    return "\n".join(bullets)
+
+
+#: FAB's median minimal l2 may move by this much (percent) with twice the steps for the step count to be enough.
+FAB_TOLERANCE_PCT = 5.0
+
+
+def fab_text(fab: Mapping[str, Any], tolerance_pct: float = FAB_TOLERANCE_PCT) -> str:
+    """The outcome of :func:`fab_step_check` in words: how much twice the steps moved the median, and whether
+    that is within ``tolerance_pct`` (the step count is enough) or not (the distances are loose upper bounds)."""
+    change = float(fab["change_pct"])
+    where = f"`{fab.get('family', 'mlp')}` q = {fab['width']}"
+    if math.isnan(change):
+        return f"could not be made on {where}: no correctly classified digit"
+    moved = f"moved the median minimal ℓ2 of {where} by {change:+.1f}% ({fab['median_l2']:.4f} → {fab['longer']:.4f})"
+    if abs(change) <= tolerance_pct:
+        return f"{moved}, within ±{tolerance_pct:g}%: {fab['steps']} steps are enough there"
+    return (
+        f"{moved}, more than ±{tolerance_pct:g}%: the distances have not converged, so read the ℓ2 column as a "
+        "loose upper bound"
+    )
+
+
+def sweep_numbers(
+    rows: Sequence[dict[str, Any]], epochs: int, train_size: int | None, settings: AttackSettings
+) -> dict[str, int]:
+    """The sweep's sizes for the prose: models, width configurations, seeds per configuration, epochs, training
+    and evaluation digits, and the fewest and most configurations (bootstrap clusters) in one family."""
+    configs = {(r["family"], r["width"]) for r in rows}
+    per_family = [sum(c[0] == f for c in configs) for f in dict.fromkeys(r["family"] for r in rows)]
+    return {
+        "models": len(rows),
+        "configurations": len(configs),
+        "seeds": len(rows) // max(1, len(configs)),
+        "epochs": epochs,
+        "train_digits": train_size or 60000,
+        "eval_digits": settings.eval_size,
+        "clusters_min": min(per_family, default=0),
+        "clusters_max": max(per_family, default=0),
+    }
+
+
+def imagenet_text(imagenet: Mapping[str, Correlation] | None, models: int) -> str:
+    """What the ImageNet part found, in words: not measured (no pretrained weights), or each metric's correlation
+    with robust agreement across ``models`` classifiers and whether every interval lies below 0."""
+    if imagenet is None:
+        return (
+            "Not measured in this build: the classifiers have random weights here, and the robustness of random "
+            "weights says nothing about the trained models"
+        )
+    rule = "meets" if imagenet_supports_h(imagenet) else "does not meet"
+    each = "; ".join(f"{METRICS[m]}: {trend_phrase(c)}" for m, c in imagenet.items())
+    return f"Across {models} pretrained classifiers: {each}. The set {rule} the rule (every interval below 0)"
 
 
 def imagenet_rows(
@@ -733,8 +1079,8 @@ def imagenet_correlations(
 
 
 def imagenet_columns(eps: Sequence[float]) -> list[str]:
-    """Columns of the ImageNet table: the Sec. 7 metrics, then PGD robust agreement at each budget."""
-    return ["model", "nu_over_n", "mu_over_n", "sum_nullity", "nullity_w1", *map(pgd_column, eps)]
+    """Columns of the ImageNet table: the Sec. 7 metrics, then the robust agreement (k/n, 95% CI) at each budget."""
+    return ["model", "nu_over_n", "mu_over_n", "sum_nullity", "nullity_w1", *map(agreement_column, eps)]
 
 
 def correlation_records(correlations: Mapping[str, Correlation], header: str = "ρ vs PGD agreement") -> list[dict]:
@@ -742,14 +1088,15 @@ def correlation_records(correlations: Mapping[str, Correlation], header: str = "
     return [{"metric": METRICS[m], header: c} for m, c in correlations.items()]
 
 
-def imagenet_supports_h(correlations: Mapping[str, Correlation]) -> bool:
-    """The ImageNet decision rule: every metric's 95% interval of ρ with robust agreement lies below 0."""
-    return bool(correlations) and all(c.hi < 0 for c in correlations.values())
+def svd_mismatches(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sweep rows whose audited nullity(W1) differs from the independent SVD count p − rank(W1)."""
+    return [r for r in rows if r["nullity_w1"] != r["svd_nullity_w1"]]
 
 
-def w1_mismatches(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Sweep rows whose audited nullity(W1) differs from max(0, p - q) or from the independent SVD count."""
-    return [r for r in rows if not (r["nullity_w1"] == r["expected_nullity_w1"] == r["svd_nullity_w1"])]
+def rank_nullity_violations(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sweep rows whose audited nullity(W1) is below p − q, which rank–nullity forbids (rank(W1) ≤ q): only a
+    bug (e.g. the audit reading W1 transposed) gives one."""
+    return [r for r in rows if r["nullity_w1"] < r["expected_nullity_w1"]]
 
 
 def correlation_summary(correlations: Mapping[str, Correlation] | None) -> str | None:
@@ -759,40 +1106,55 @@ def correlation_summary(correlations: Mapping[str, Correlation] | None) -> str |
 
 def paper_vs_ours(
     rows: Sequence[dict[str, Any]],
-    verdicts_by_metric: Mapping[str, tuple[bool, str]],
+    evidence_list: Sequence[Evidence],
     imagenet: Mapping[str, Correlation] | None,
+    budget: Budget | None = None,
 ) -> list[dict[str, Any]]:
-    """The chapter's answer next to the paper's question: the Lemma 1 premise on the sweep, one record per metric
-    verdict (:func:`verdicts`), and the ImageNet correlations (or that they need pretrained weights)."""
-    agree = len(rows) - len(w1_mismatches(rows))
+    """The chapter's answer next to the paper's question: the full-rank premise on the sweep, one record per
+    metric group (:func:`evidences`) with whether it meets H's rule (flagged as undecided when ``budget`` is
+    below, see :func:`sweep_budget`), and the ImageNet correlations (or that they need pretrained weights)."""
+    small = "sweep too small to decide; as measured, " if budget is not None and budget.below else ""
     out = [
         {
-            "question": "nullity(W1) = max(0, p - q) for trained first layers (Lemma 1 premise)",
+            "question": "nullity(W1) = max(0, p − q) for trained first layers",
             "paper": "nullity(W1) ≥ 1 whenever q < p",
-            "ours": f"{agree}/{len(rows)} models",
+            "ours": full_rank_rate(rows).text(),
         }
     ]
-    for m, (ok, text) in verdicts_by_metric.items():
+    for e in evidence_list:
+        rule = small + ("meets H's rule: " if supports_h(e.pooled, e.partial) else "does not meet H's rule: ")
         out.append(
             {
-                "question": f"{METRICS[m]} as a gauge of adversarial risk (MNIST width sweep)",
+                "question": f"{e.label} as a gauge of adversarial risk (MNIST width sweep)",
                 "paper": "open question (Sec. 7)",
-                "ours": ("supports H: " if ok else "does not support H: ") + text,
+                "ours": rule + e.text(),
             }
         )
-    imagenet_text = (
+    imagenet_ours = (
         "; ".join(f"{METRICS[m]}: {c.text()}" for m, c in imagenet.items())
         if imagenet
-        else "not checkable with random weights"
+        else "needs pretrained ImageNet weights"
     )
     out.append(
         {
             "question": "the same on the Table 1 ImageNet classifiers",
             "paper": "open question (Sec. 7)",
-            "ours": imagenet_text,
+            "ours": imagenet_ours,
         }
     )
     return out
+
+
+def audit_agrees(row: Mapping[str, Any], fresh: Any) -> bool:
+    """The metrics in a sweep ``row`` equal those of ``fresh`` (an ``audit.ModelAudit`` of the same model)."""
+    return (fresh.n, fresh.nu, fresh.mu, fresh.sum_nullity, fresh.nullity_w1, list(fresh.w1_shape)) == (
+        row["n"],
+        row["nu"],
+        row["mu"],
+        row["sum_nullity"],
+        row["nullity_w1"],
+        list(row["w1_shape"]),
+    )
 
 
 def sweep_invariants(
@@ -802,19 +1164,25 @@ def sweep_invariants(
     train_size: int | None = None,
     reload: bool = True,
 ) -> list[tuple[bool, str, Any]]:
-    """What must hold by construction in a sweep, as ``(ok, what, measured)``: nullity(W1) of the audit equals
-    max(0, p - q) and the SVD count for every model; in each family nullity(W1) falls from > 0 to 0 as the width
-    grows; (``reload``) the metrics of each family's first row equal a fresh audit of the model reloaded from the
-    cache (``epochs``, ``train_size`` as in the sweep); nu = mu for every model; FAB found a finite median."""
+    """Internal checks of the sweep's code, as ``(ok, what, measured)``; each can fail: the audit's nullity(W1)
+    equals an independent SVD count; it is never below p − q (rank–nullity; fails if W1 is read transposed); in
+    each family nullity(W1) falls from > 0 to 0 as the width grows (the sweep sweeps); (``reload``) each family's
+    first row equals a fresh audit of the model reloaded from the cache (``epochs``, ``train_size`` as in the
+    sweep); FAB found a finite median minimal l2 for every model."""
     from helpers.experiments import audit
 
-    mismatch = w1_mismatches(rows)
+    off, below = svd_mismatches(rows), rank_nullity_violations(rows)
     out: list[tuple[bool, str, Any]] = [
         (
-            not mismatch,
-            "nullity(W1) from the audit = max(0, p − q) = p − rank(W1) by an independent SVD, every model",
-            f"{len(rows) - len(mismatch)}/{len(rows)} models agree",
-        )
+            not off,
+            "nullity(W1) from the audit = p − rank(W1) by an independent SVD, every model",
+            f"{len(rows) - len(off)}/{len(rows)} models agree",
+        ),
+        (
+            not below,
+            "nullity(W1) ≥ p − q (rank–nullity: the paper's shape claim, a check of our audit)",
+            f"{len(rows) - len(below)}/{len(rows)} models",
+        ),
     ]
     families = list(families)
     for family in families:
@@ -831,20 +1199,12 @@ def sweep_invariants(
         )
         out.append(
             (
-                (fresh.n, fresh.nu, fresh.mu, fresh.sum_nullity, fresh.nullity_w1, list(fresh.w1_shape))
-                == (r["n"], r["nu"], r["mu"], r["sum_nullity"], r["nullity_w1"], r["w1_shape"]),
+                audit_agrees(r, fresh),
                 f"{r['family']} q={r['width']}: metrics in the table = audit_model of the reloaded model",
                 f"n={fresh.n}, ν={fresh.nu}, μ={fresh.mu}, Σnullity={fresh.sum_nullity}, "
                 f"nullity(W1)={fresh.nullity_w1}",
             )
         )
-    out.append(
-        (
-            all(r["nu"] == r["mu"] for r in rows),
-            "ν = μ for every model (full-rank weights: a kernel exactly when wide)",
-            f"{sum(r['nu'] == r['mu'] for r in rows)}/{len(rows)} models",
-        )
-    )
     out.append(
         (
             all(np.isfinite(r["median_l2"]) for r in rows),
@@ -853,60 +1213,6 @@ def sweep_invariants(
         )
     )
     return out
-
-
-def gauge_claims(
-    rows: Sequence[dict[str, Any]],
-    verdicts_by_metric: Mapping[str, tuple[bool, str]],
-    imagenet: Mapping[str, Correlation] | None,
-    imagenet_weights: str,
-) -> list[dict[str, Any]]:
-    """The chapter's claims as keyword arguments of ``Chapter.claim``: the nullity(W1) sweep (reproduced when
-    every model has nullity(W1) = max(0, p - q)), one per metric verdict (supported / not supported by
-    :func:`supports_h`) and the ImageNet question (not checkable without pretrained weights, else
-    :func:`imagenet_supports_h`); ``imagenet_weights`` labels the ImageNet models' weights."""
-    mismatch = w1_mismatches(rows)
-    claims: list[dict[str, Any]] = [
-        {
-            "id": "10.nullity_w1_width_sweep",
-            "description": "a first layer narrower than its input has nullity(W1) = p − q (MNIST sweep)",
-            "paper": "nullity(W1) ≥ 1 when q < p",
-            "ours": f"{len(rows) - len(mismatch)}/{len(rows)} models",
-            "status": results.REPRODUCED if not mismatch else results.DIFFERS,
-            "weights": "trained by the book",
-            "reason": "" if not mismatch else f"{len(mismatch)} models differ",
-        }
-    ]
-    for m, (ok, text) in verdicts_by_metric.items():
-        claims.append(
-            {
-                "id": f"10.gauge.{m}",
-                "description": f"Sec. 7: {METRICS[m]} gauges adversarial risk (MNIST width sweep, median min. ℓ2)",
-                "paper": "proposed, not measured",
-                "ours": text,
-                "status": results.SUPPORTED if ok else results.NOT_SUPPORTED,
-                "weights": "trained by the book",
-                "reason": ""
-                if ok
-                else "95% CI of ρ not below 0 both pooled and given #params (rule stated in the chapter)",
-            }
-        )
-    if imagenet is None:
-        status = results.NOT_CHECKABLE
-    else:
-        status = results.SUPPORTED if imagenet_supports_h(imagenet) else results.NOT_SUPPORTED
-    claims.append(
-        {
-            "id": "10.gauge.imagenet",
-            "description": "Sec. 7: the metrics gauge adversarial risk across the Table 1 ImageNet classifiers",
-            "paper": "proposed, not measured",
-            "ours": correlation_summary(imagenet),
-            "status": status,
-            "weights": imagenet_weights,
-            "reason": "needs pretrained weights" if imagenet is None else "rule: every metric's 95% CI below 0",
-        }
-    )
-    return claims
 
 
 def results_extra(
@@ -919,10 +1225,12 @@ def results_extra(
     seeds: Iterable[int],
 ) -> dict[str, Any]:
     """The chapter's ``extra`` record for results/10_vulnerability_gauge.json: the sweep rows, the correlation
-    table (JSON-ready), the attack settings, the ImageNet rows and the training settings."""
+    table (JSON-ready), the metric groups judged, the attack settings, the ImageNet rows and the training
+    settings."""
     return {
         "rows": list(rows),
         "correlations": table_jsonable(table),
+        "metric_groups": [list(g) for g in metric_groups(rows)] if rows else [],
         "settings": settings.__dict__,
         "imagenet_rows": list(imagenet),
         "epochs": epochs,

@@ -22,7 +22,7 @@ instead of raw pixels: ``find_polytopes`` with ``decode``/``params0`` from ``hel
 
 The last sections hold the studies of chapters 08-09 built on these pieces: two polytopes per target
 (``search_two_starts``, ``two_start_rows``, ``summarise``, ``worst_case``), the optimiser sweep's rows and figure,
-the paper-vs-ours tables (``paper_vs_ours``, ``side_by_side``) and the claims' decision rule (``claim_status``).
+the paper-vs-ours tables (``paper_vs_ours``, ``side_by_side``) and the claims' criteria (``mnist_claims``).
 """
 
 from __future__ import annotations
@@ -207,6 +207,9 @@ def prop1_residuals(pre_u: Tensor, target_pre: Tensor) -> dict[str, Tensor]:
     ineq_max:    max ỹ_j(u) over inactive units (<= 0: all inequalities hold)
     ineq_frac:   share of inactive units with ỹ_j(u) > 0 (violated inequalities)
     act_rel:     ||relu(ỹ(u)) - relu(ỹ^t)|| / ||relu(ỹ^t)||  (the post-activation mismatch at this layer)
+    viol_rel:    ||(ỹ(u) - ỹ^t) on active units, relu(ỹ(u)) on inactive ones|| / ||relu(ỹ^t)|| (how far u is
+                 from the polytope: 0 inside; bounds act_rel from above, and for an affine cut a convex combination
+                 of vertices is never further than its worst vertex, see ``convexity_violations``)
     pattern:     share of units whose on/off state equals the target's
     """
     _check_pre(pre_u, target_pre)
@@ -214,13 +217,14 @@ def prop1_residuals(pre_u: Tensor, target_pre: Tensor) -> dict[str, Tensor]:
     diff = (pre_u - target_pre) * active
     inactive_vals = pre_u.masked_fill(active, -math.inf)
     n_inactive = (~active).sum(1).clamp_min(1)
+    target_norm = torch.relu(target_pre).norm(dim=1).clamp_min(1e-12)
     return {
         "eq_rel": diff.norm(dim=1) / (target_pre * active).norm(dim=1).clamp_min(1e-12),
         "eq_max_abs": diff.abs().amax(1),
         "ineq_max": inactive_vals.amax(1),
         "ineq_frac": ((pre_u > 0) & ~active).sum(1) / n_inactive,
-        "act_rel": (torch.relu(pre_u) - torch.relu(target_pre)).norm(dim=1)
-        / torch.relu(target_pre).norm(dim=1).clamp_min(1e-12),
+        "act_rel": (torch.relu(pre_u) - torch.relu(target_pre)).norm(dim=1) / target_norm,
+        "viol_rel": (diff + torch.relu(pre_u) * ~active).norm(dim=1) / target_norm,
         "pattern": ((pre_u > 0) == active).float().mean(1),
     }
 
@@ -454,14 +458,21 @@ def measure_polytope(
     scale: float = 1.0,
     keep_samples: int = 0,
 ) -> dict[str, Any]:
-    """Li et al.'s Table 2/4/6 numbers for one polytope, plus Proposition 1's residuals.
+    """Li et al.'s Table 2/4/6 numbers for one polytope, plus Proposition 1's residuals and an 8-bit PNG round trip.
 
-    target (*input_shape), vertices (V, *input_shape). Returns a dict: same_class_pct (samples classified as the
-    target's class, %), target_prob (top-class probability of the target), sample_prob (mean top-class probability
-    of the samples), sample_target_prob (mean probability of the target's class), vertex_distance (mean pairwise l2
-    between vertices, times ``scale``), vertices/samples residual summaries (``prop1_residuals``), and
-    ``samples`` (the first ``keep_samples`` samples) for figures.
+    target (*input_shape), vertices (V, *input_shape). Returns a dict: target_class (the target's predicted class);
+    same_class_k / n_samples (samples whose predicted class is the target's) and same_class_pct (%); target_prob
+    (the target's probability of its class), sample_target_prob / sample_target_prob_min (mean / lowest probability
+    of the *target's* class over the samples: a sample classified as another class counts with its low
+    probability), sample_prob (mean top-class probability of the samples, whatever class); vertex_distance (mean
+    pairwise l2 between vertices, times ``scale``); vertices/samples residual summaries (``prop1_residuals``);
+    png_same_class_k / png_n / png_act_rel_max: the vertices and kept samples stored as 8-bit PNGs and read back
+    (``image_validity.png_round_trip``): how many keep the target's class and their worst activation mismatch;
+    outside_unit_range (how far any vertex or sample strays from [0, 1]); and ``samples_kept`` (the first
+    ``keep_samples`` samples) for figures.
     """
+    from helpers.data import image_validity
+
     split.check_inputs(target[None], "target")
     split.check_inputs(vertices, "vertices")
     samples, _ = convex_samples(vertices, n_samples, generator)
@@ -473,17 +484,33 @@ def measure_polytope(
     pre_v = pre_activations(split, vertices, batch)
     res_v = prop1_residuals(pre_v, target_pre.expand_as(pre_v))
     res_s = prop1_residuals(pre_s, target_pre.expand_as(pre_s))
+    stored = torch.cat([vertices, samples[:keep_samples]])
+    if len(split.input_shape) == 3 and split.input_shape[0] in (1, 3):
+        pre_png = pre_activations(split, image_validity.png_round_trip(stored), batch)
+        png_same = int((probabilities_from_pre(split, pre_png, batch).argmax(1) == target_class).sum())
+        png_act = float(prop1_residuals(pre_png, target_pre.expand_as(pre_png))["act_rel"].max())
+    else:  # not an image (no PNG of it)
+        png_same, png_act = 0, math.nan
+    in_class = sample_probs.argmax(1) == target_class
     return {
         "target_class": target_class,
-        "same_class_pct": float((sample_probs.argmax(1) == target_class).float().mean() * 100),
-        "target_prob": float(target_probs.max()),
+        "same_class_k": int(in_class.sum()),
+        "same_class_pct": float(in_class.float().mean() * 100),
+        "target_prob": float(target_probs[target_class]),
         "sample_prob": float(sample_probs.max(1).values.mean()),
         "sample_target_prob": float(sample_probs[:, target_class].mean()),
+        "sample_target_prob_min": float(sample_probs[:, target_class].min()),
         "vertex_distance": mean_pairwise_distance(vertices, scale),
         "target_to_vertex_distance": float((vertices - target).flatten(1).norm(dim=1).mean()) * scale,
         "n_samples": n_samples,
         "vertices": {k: _summary(v) for k, v in res_v.items()},
         "samples": {k: _summary(v) for k, v in res_s.items()},
+        "png_same_class_k": png_same,
+        "png_n": len(stored),
+        "png_act_rel_max": png_act,
+        "outside_unit_range": max(
+            image_validity.outside_unit_range(vertices), image_validity.outside_unit_range(samples)
+        ),
         "samples_kept": samples[:keep_samples],
     }
 
@@ -513,20 +540,69 @@ def measure_polytopes(
 def table_row(report: dict[str, Any], image_distance: float) -> dict[str, Any]:
     """The flat numbers of one ``measure_polytope`` report (Li et al.'s table columns + Proposition 1 residuals).
 
-    ratio_pct: mean vertex distance as a percentage of ``image_distance`` (mean distance between dataset images).
+    ratio_pct: mean vertex distance as a percentage of ``image_distance`` (mean distance between dataset images);
+    sample_prob is the samples' mean probability of the *target's* class (``sample_target_prob``: a sample
+    classified as another class counts with its low probability); same_class_k / n_samples: samples kept in the
+    target's class; png_*: the vertices and kept samples after an 8-bit PNG round trip.
     """
     return {
         "same_class_pct": report["same_class_pct"],
+        "same_class_k": report["same_class_k"],
+        "n_samples": report["n_samples"],
         "target_prob": report["target_prob"],
-        "sample_prob": report["sample_prob"],
+        "sample_prob": report["sample_target_prob"],
+        "sample_prob_min": report["sample_target_prob_min"],
         "image_distance": image_distance,
         "vertex_distance": report["vertex_distance"],
         "ratio_pct": 100 * report["vertex_distance"] / image_distance,
         "vertex_eq_rel_max": report["vertices"]["eq_rel"]["max"],
         "vertex_ineq_max": report["vertices"]["ineq_max"]["max"],
+        "vertex_viol_rel_max": report["vertices"]["viol_rel"]["max"],
         "sample_act_rel_max": report["samples"]["act_rel"]["max"],
+        "sample_viol_rel_max": report["samples"]["viol_rel"]["max"],
         "sample_pattern_min": report["samples"]["pattern"]["min"],
+        "png_same_class_k": report["png_same_class_k"],
+        "png_n": report["png_n"],
+        "png_act_rel_max": report["png_act_rel_max"],
     }
+
+
+@torch.no_grad()
+def cut_error(split: ReluSplit, full: Callable[[Tensor], Tensor], u: Tensor) -> float:
+    """How far the cut's logits are from the whole model's on inputs u (B, *input_shape): max |difference| relative
+    to the largest |logit| (0 when the cut reproduces the model)."""
+    split.check_inputs(u)
+    device = device_of(split.module)
+    u = u.to(device)
+    reference = full(u)
+    return float((split.logits(u) - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+
+
+def search_checks(
+    split: ReluSplit, polys: Polytopes, rows: Sequence[dict[str, Any]], name: str, batch: int = 8
+) -> list[tuple[bool, str, str]]:
+    """Internal checks of a search, as ``(ok, what, measured)``; each can fail.
+
+    rows: ``table_row`` dicts of ``polys``' polytopes (their ``vertex_viol_rel_max``). Checks: the mean objective
+    fell from the first step to the last; every polytope whose start lies outside it (``viol_rel`` > 1e-6) has its
+    worst vertex nearer the polytope than that start (Proposition 1's constraints at the cut), so the search moved
+    towards it.
+    """
+    if len(rows) != polys.n_polytopes:
+        raise ValueError(f"{len(rows)} rows for {polys.n_polytopes} polytopes; give one row per polytope")
+    first, last = float(polys.loss_curve[0]), float(polys.loss_curve[-1])
+    start_viol = prop1_residuals(pre_activations(split, polys.starts, batch), polys.target_pre)["viol_rel"]
+    vertex_viol = torch.tensor([float(r["vertex_viol_rel_max"]) for r in rows], dtype=start_viol.dtype)
+    closer = (vertex_viol < start_viol) | (start_viol <= 1e-6)  # a start inside the polytope: nothing to approach
+    return [
+        (last < first, f"the {name} search lowers alpha*L_plus + L_i", f"{first:.4g} -> {last:.4g}"),
+        (
+            bool(closer.all()),
+            f"every {name} polytope: the worst vertex is nearer the polytope than the search's start (viol_rel)",
+            f"{int(closer.sum())} of {len(closer)}; worst vertex / start: "
+            f"{float((vertex_viol / start_viol.clamp_min(1e-12)).max()):.3g}",
+        ),
+    ]
 
 
 def timing_row(name: str, polys: Polytopes, device: torch.device | str) -> dict[str, Any]:

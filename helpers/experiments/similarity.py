@@ -12,10 +12,13 @@ Images: (N, C, H, W); pixel metrics assume data range 1 (pixels in [0, 1]) unles
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from helpers.linalg.kernels import PixelKernel
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -105,65 +108,181 @@ def lpips_metric(net: Literal["vgg", "alex", "squeeze"] = "alex") -> Any:
         return None
 
 
-def similarity_table(
-    model: nn.Module, clean: torch.Tensor, others: torch.Tensor, layers: Sequence[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """PSNR, SSIM (pixels, data range 1) and the feature distance of each of ``others`` (N, C, H, W) to ``clean``
-    (1, C, H, W). Images outside [0, 1] are compared as they are (PSNR/SSIM with data range 1)."""
-    ref = clean.expand_as(others)
-    return {
-        "psnr_db": psnr(others, ref),
-        "ssim": ssim(others, ref),
-        "feature_distance": feature_distance(model, others, ref, layers),
-        "linf": (others - ref).abs().amax((1, 2, 3)),
+# --- valid colliding twins over a set of images ----------------------------------------------------------------
+
+
+@dataclass
+class ValidTwins:
+    """Colliding twins that are images, for a batch of clean images, and a same-size control.
+
+    ``clean``: (N, C, H, W) pixels in [0, 1] (8-bit values); ``twins``: clean + ``perturbation``, every patch of
+    the perturbation in the first layer's pixel-space kernel (exact collision), float32, inside [0, 1];
+    ``saved``: the twins after an 8-bit PNG round trip (what an image file keeps; the collision is no longer
+    exact); ``control``: clean + noise outside the kernel with the same l2 norm as the perturbation (smaller where
+    the free pixels leave less room), inside [0, 1], after the same PNG round trip; ``perturbation`` and
+    ``control_perturbation``: (N, C, H, W) float32, before the round trip; ``beta_hi``: (N,) the largest
+    beta with clean + beta * perturbation in [0, 1] (``image_validity.beta_interval``; >= 1 since each patch was
+    scaled to the largest multiplier its pixels allow); ``patches_moved``: (N,) share of the patches that carry
+    a kernel direction (a patch whose pixels at 0 or 1 leave no kernel direction stays as it was).
+    """
+
+    clean: torch.Tensor
+    twins: torch.Tensor
+    saved: torch.Tensor
+    control: torch.Tensor
+    perturbation: torch.Tensor
+    control_perturbation: torch.Tensor
+    beta_hi: torch.Tensor
+    patches_moved: torch.Tensor
+
+    @property
+    def moved(self) -> torch.Tensor:
+        """(N,) bool: the images whose twin differs from them (some patch had a kernel direction left)."""
+        return self.patches_moved > 0
+
+
+def _patch_scale(p: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Largest s >= 0 per patch with lo <= s * p <= hi (lo <= 0 <= hi); p (..., d) -> (..., 1); 0 where p = 0."""
+    big = torch.full_like(p, float("inf"))
+    up = torch.where(p > 0, hi / p.clamp_min(1e-300), big)
+    down = torch.where(p < 0, lo / p.clamp_max(-1e-300), big)
+    scale = torch.minimum(up, down).amin(-1, keepdim=True)
+    return torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
+
+
+def valid_twins(kernel: PixelKernel, clean: torch.Tensor, seed: int = 0, margin: float = 1e-6) -> ValidTwins:
+    """A colliding twin and a same-size control for each image of ``clean`` (N, C, H, W) in [0, 1].
+
+    Per patch of the first layer (``kernel.patch``), a random (seeded) kernel direction that vanishes on the
+    pixels at 0 or 1 (``collisions.kernel_directions``), scaled by the largest multiplier keeping every pixel of
+    the patch in [margin, 1 - margin]: nothing is clipped, so the twin collides exactly. The control is Gaussian
+    noise on the same free pixels, scaled the same way, then shrunk to the twin's l2 norm: a change of (at most)
+    the same size that the first layer does see. Raises ValueError unless ``clean`` is a batch of pixels in [0, 1]
+    and the kernel works on patches.
+    """
+    from helpers.data import image_validity
+    from helpers.experiments import collisions
+
+    if clean.dim() != 4 or image_validity.outside_unit_range(clean) > 0:
+        raise ValueError(f"clean must be (N, C, H, W) pixels in [0, 1], got {tuple(clean.shape)}")
+    if kernel.patch is None:
+        raise ValueError("valid_twins needs a patch-embedding first layer (kernel.patch is None for a Linear one)")
+    patch, shape = kernel.patch, tuple(clean.shape[1:])
+    x = torch.nn.functional.unfold(clean.double().cpu(), kernel_size=patch, stride=patch).transpose(1, 2)  # (N, L, d)
+    if x.shape[-1] != kernel.dim:
+        raise ValueError(f"images {shape} do not fit the kernel's patches ({patch}, {kernel.dim} pixels)")
+    lo, hi = (-x + margin).clamp_max(0), (1 - x - margin).clamp_min(0)
+    pinned = (lo >= 0) | (hi <= 0)
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.stack([collisions.kernel_directions(kernel, pin, 1, generator)[0] for pin in pinned])
+    p = directions * _patch_scale(directions, lo, hi)
+    noise = torch.randn(x.shape, generator=generator, dtype=torch.float64).masked_fill(pinned, 0.0)
+    c = noise * _patch_scale(noise, lo, hi)
+    c = c * (p.flatten(1).norm(dim=1) / c.flatten(1).norm(dim=1).clamp_min(1e-300)).clamp_max(1.0).view(-1, 1, 1)
+
+    def to_image(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.fold(t.transpose(1, 2), output_size=shape[-2:], kernel_size=patch, stride=patch)
+
+    perturbation = to_image(p)
+    twins = (clean.double().cpu() + perturbation).float()
+    control = (clean.double().cpu() + to_image(c)).float()
+    beta_hi = torch.tensor(
+        [image_validity.beta_interval(x0, d)[1] for x0, d in zip(clean.double().cpu(), perturbation)]
+    )
+    device = clean.device
+    return ValidTwins(
+        clean=clean,
+        twins=twins.to(device),
+        saved=image_validity.png_round_trip(twins).to(device),
+        control=image_validity.png_round_trip(control).to(device),
+        perturbation=perturbation.float().to(device),
+        control_perturbation=to_image(c).float().to(device),
+        beta_hi=beta_hi,
+        patches_moved=(p.abs().amax(-1) > 0).double().mean(1),
+    )
+
+
+@torch.no_grad()
+def first_layer_residual(model: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image (N,): ||f1(b) - f1(a)|| / ||f1(a)||, f1 the output of the model's first Linear/Conv2d layer."""
+    from helpers.data.normalization import PixelSpace
+    from helpers.linalg.kernels import first_layer
+
+    _same_shape(a, b)
+    inner = model.model if isinstance(model, PixelSpace) else model
+    name, _ = first_layer(inner)
+    full = f"model.{name}" if inner is not model else name
+    fa, fb = (f.double().flatten(1) for f in features(model, torch.cat([a, b]), [full])[0].chunk(2))
+    return (fb - fa).norm(dim=1) / fa.norm(dim=1).clamp_min(1e-300)
+
+
+@dataclass
+class SimilarityStudy:
+    """Pixel and feature similarity of each saved twin and control to its clean image, (N,) each: ``psnr_db``,
+    ``ssim``, ``feature_distance`` (``feature_distance`` on the model's own layers), ``linf`` (pixels), keyed
+    ``"saved"`` / ``"control"``; ``residual``: first-layer residual (``first_layer_residual``) of the exact and
+    the saved twins (keys ``"exact"``, ``"saved"``)."""
+
+    metrics: dict[str, dict[str, torch.Tensor]]
+    residual: dict[str, torch.Tensor]
+
+
+def similarity_study(model: nn.Module, twins: ValidTwins, layers: Sequence[str] | None = None) -> SimilarityStudy:
+    """PSNR, SSIM (data range 1), the feature distance and l_inf of the saved twins and of the controls to the
+    clean images (all valid 8-bit images), and the first-layer residuals of the exact and saved twins."""
+    metrics = {}
+    for key, other in (("saved", twins.saved), ("control", twins.control)):
+        metrics[key] = {
+            "psnr_db": psnr(other, twins.clean).double().cpu(),
+            "ssim": ssim(other, twins.clean).double().cpu(),
+            "feature_distance": feature_distance(model, other, twins.clean, layers).cpu(),
+            "linf": (other - twins.clean).abs().amax((1, 2, 3)).double().cpu(),
+        }
+    residual = {
+        "exact": first_layer_residual(model, twins.clean, twins.twins).cpu(),
+        "saved": first_layer_residual(model, twins.clean, twins.saved).cpu(),
     }
+    return SimilarityStudy(metrics, residual)
 
 
 def strength_sweep(
-    model: nn.Module,
-    clean: torch.Tensor,
-    direction: torch.Tensor,
-    betas: Sequence[float],
-    layers: Sequence[str] | None = None,
-    seed: int = 0,
+    model: nn.Module, twins: ValidTwins, fractions: Sequence[float], layers: Sequence[str] | None = None
 ) -> list[dict[str, float]]:
-    """For each beta: PSNR, SSIM and feature distance of clean + beta * direction to clean, and the same for a
-    Gaussian-noise control of equal l2 norm (which the features do see). direction: (1, C, H, W), typically a
-    null-space perturbation with max |direction| = 1, so beta is the l_inf size in pixels."""
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(direction.shape, generator=generator, dtype=direction.dtype).to(direction.device)
-    noise = noise * direction.norm() / noise.norm()
+    """For each fraction t in (0, 1]: medians over the images of PSNR, SSIM and feature distance to the clean
+    image of clean + t * perturbation (the twin at a fraction of its size: still in [0, 1], still colliding) and
+    of clean + t * control perturbation, both after the 8-bit PNG round trip."""
+    from helpers.data import image_validity
+
     rows = []
-    for beta in betas:
-        twin = clean + beta * direction
-        control = clean + beta * noise
-        t = similarity_table(model, clean, torch.cat([twin, control]), layers)
-        rows.append(
-            {
-                "beta (l_inf)": float(beta),
-                "PSNR dB": float(t["psnr_db"][0]),
-                "SSIM": float(t["ssim"][0]),
-                "feature distance": float(t["feature_distance"][0]),
-                "noise PSNR dB": float(t["psnr_db"][1]),
-                "noise SSIM": float(t["ssim"][1]),
-                "noise feature distance": float(t["feature_distance"][1]),
-            }
-        )
+    for t in fractions:
+        if not 0 < t <= 1:
+            raise ValueError(f"fractions must lie in (0, 1] (larger ones leave [0, 1]), got {t}")
+        twin = image_validity.png_round_trip(twins.clean + t * twins.perturbation)
+        control = image_validity.png_round_trip(twins.clean + t * twins.control_perturbation)
+        row: dict[str, float] = {
+            "fraction": float(t),
+            "median l_inf": float((twin - twins.clean).abs().amax((1, 2, 3)).median()),
+        }
+        for prefix, other in (("", twin), ("control ", control)):
+            row[prefix + "PSNR dB"] = float(psnr(other, twins.clean).median())
+            row[prefix + "SSIM"] = float(ssim(other, twins.clean).median())
+            row[prefix + "feature distance"] = float(feature_distance(model, other, twins.clean, layers).median())
+        rows.append(row)
     return rows
 
 
 def sweep_figure(rows: list[dict[str, float]], caption_model: str = "") -> Any:
-    """PSNR, SSIM and feature distance against beta for the null-space twin and the noise control."""
+    """Median PSNR, SSIM and feature distance against the twins' median l_inf, for the saved twins and the
+    same-size controls (``strength_sweep`` rows)."""
     import matplotlib.pyplot as plt
 
-    betas = [r["beta (l_inf)"] for r in rows]
+    sizes = [r["median l_inf"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     for ax, key, label in zip(axes, ["PSNR dB", "SSIM", "feature distance"], ["PSNR (dB)", "SSIM", "feature distance"]):
-        floor = 1e-18 if key == "feature distance" else -float("inf")  # exact zeros on a log axis
-        ax.plot(betas, [max(r[key], floor) for r in rows], "o-", label="null-space twin")
-        ax.plot(betas, [max(r["noise " + key], floor) for r in rows], "s--", label="noise, same l2")
+        ax.plot(sizes, [r[key] for r in rows], "o-", label="colliding twin (saved as PNG)")
+        ax.plot(sizes, [r["control " + key] for r in rows], "s--", label="control, same l2 (saved as PNG)")
         ax.set_xscale("log")
-        ax.set_xlabel("perturbation l_inf (pixels)")
+        ax.set_xlabel("median l_inf of the twin (pixels)")
         ax.set_title(label + (f" ({caption_model})" if caption_model and key == "feature distance" else ""))
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=8)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from helpers.book import results
+from helpers import stats
+from helpers.book import results, verdict
 from helpers.experiments.audit import (
     ConvTransposeRule,
     ModelAudit,
@@ -29,7 +30,9 @@ from helpers.experiments.audit import (
     audit_model,
     build_on_meta,
     first_executed,
+    independent_rank_check,
     naive_with_spectra,
+    sample_matrices,
     structural_audit,
     sweep,
     weight_matrices,
@@ -346,6 +349,81 @@ def fit_table(checks: Sequence[RowCheck]) -> list[dict[str, Any]]:
     ]
 
 
+#: The constructors the chapter's prose compares with Table 1 rows (besides each row's chosen one).
+PROSE_MODELS: tuple[str, ...] = (
+    "alexnet",
+    "squeezenet1_0",
+    "fcn_resnet50",
+    "deeplabv3_mobilenet_v3_large",
+    "pspnet_resnet34",
+    "vit_base_patch16_224",
+    "vit_large_patch16_224",
+    "retinanet_resnet50_fpn",
+    "maskrcnn_resnet50_fpn",
+)
+
+
+def _pct(count: int, n: int) -> float:
+    return 100 * count / n
+
+
+def prose_numbers(paper_rows: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every number the chapter's prose about the constructors quotes, computed from the shapes
+    (:data:`PROSE_MODELS` built on the meta device) and the paper's rows, keyed by glue name."""
+    a = {name: structural_audit(build_on_meta(name)) for name in PROSE_MODELS}
+    alex, vitl, ret = paper_rows["AlexNet"], paper_rows["ViT-Large"], paper_rows["RetinaNet"]
+    w1 = {name: audit.w1_shape or (0, 0) for name, audit in a.items()}
+
+    def shape(name: str) -> str:
+        return f"{w1[name][0]}x{w1[name][1]}"
+
+    vitb = paper_rows["ViT-Base"]
+    return {
+        "alex_mu": alex["mu"],
+        "alex_n": a["alexnet"].n,
+        "alex_mu_pct": _pct(alex["mu"], a["alexnet"].n),
+        "alex_mu_printed": alex["mu_over_n_pct"],
+        "sq10_w1": shape("squeezenet1_0"),
+        "fcn_noaux_n": a["fcn_resnet50"].n,
+        "fcn_noaux_mu": a["fcn_resnet50"].mu,
+        "fcn_paper_mu": paper_rows["Fcn"]["mu"],
+        "mnv3_w1": shape("deeplabv3_mobilenet_v3_large"),
+        "mnv3_w1_cols": w1["deeplabv3_mobilenet_v3_large"][1],
+        "mnv3_paper_w1": paper_rows["MobileNet-V3"]["nullity_W1"],
+        "psp1_sum": a["pspnet_resnet34"].structural_sum_nullity,
+        "psp_paper_sum": paper_rows["PSPNet"]["sum_nullity"],
+        "vitb_n": a["vit_base_patch16_224"].n,
+        "vitb_implied": " or ".join(
+            map(
+                str, sorted(implied_n(vitb["nu"], vitb["nu_over_n_pct"]) & implied_n(vitb["mu"], vitb["mu_over_n_pct"]))
+            )
+        ),
+        "vitl_n": a["vit_large_patch16_224"].n,
+        "vitl_nu": vitl["nu"],
+        "vitl_mu": vitl["mu"],
+        "vitl_nu_pct": _pct(vitl["nu"], a["vit_large_patch16_224"].n),
+        "vitl_mu_pct": _pct(vitl["mu"], a["vit_large_patch16_224"].n),
+        "vitl_nu_printed": vitl["nu_over_n_pct"],
+        "vitl_mu_printed": vitl["mu_over_n_pct"],
+        "vitl_implied": " or ".join(
+            map(
+                str, sorted(implied_n(vitl["nu"], vitl["nu_over_n_pct"]) & implied_n(vitl["mu"], vitl["mu_over_n_pct"]))
+            )
+        )
+        or "no n",
+        "ret_paper_w1": ret["nullity_W1"],
+        "ret_w1": shape("retinanet_resnet50_fpn"),
+        "ret_w1_rows": w1["retinanet_resnet50_fpn"][0],
+        "ret_w1_cols": w1["retinanet_resnet50_fpn"][1],
+        "ret_w1_min": a["retinanet_resnet50_fpn"].structural_nullity_w1,
+        "mask_n": a["maskrcnn_resnet50_fpn"].n,
+        "mask_w1_min": a["maskrcnn_resnet50_fpn"].structural_nullity_w1,
+        "mask_w1_rows": w1["maskrcnn_resnet50_fpn"][0],
+        "mask_w1_cols": w1["maskrcnn_resnet50_fpn"][1],
+        "tol32_4096": rank_rule.default_rtol((4096, 4096), torch.float32),
+    }
+
+
 #: The only Table 1 rows whose models have a transposed convolution.
 CONV_TRANSPOSE_ROWS: tuple[str, ...] = ("Mask R-CNN", "Keypoint R-CNN")
 
@@ -410,6 +488,7 @@ class Table1Audits:
     loaded: dict[str, LoadedModel] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     w1s: dict[str, WeightMatrix] = field(default_factory=dict)
+    independent: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def rows(self) -> list[str]:
@@ -434,9 +513,14 @@ def audit_rows(
     chosen: Mapping[str, str],
     device: torch.device | str | None = None,
     keep: Collection[str] = QUICK_MODELS,
+    sample: int = 3,
+    seed: int = 0,
 ) -> Table1Audits:
     """Load (``load``: registry name -> LoadedModel, the chapter's weights policy) and audit the constructor of
-    every row in float64 and float32 (``audit_model``'s default rule, ranks on ``device``, cached by weights).
+    every row at float64 and float32 precision (``audit_model``'s default rule, ranks on ``device``, cached by
+    weights); then check W1 and ``sample`` random other matrices (``seed``) of each model against an
+    independent numpy SVD at both precisions (``independent``: row -> records of
+    :func:`helpers.experiments.audit.independent_rank_check`, each with its ``row``).
 
     Models not in ``keep`` are dropped after the audit (their ``LoadedModel.model`` set to None) to keep memory
     low; W1 is copied first."""
@@ -451,6 +535,13 @@ def audit_rows(
         out.seconds[row] = time.perf_counter() - start
         for a in (out.audits64[row], out.audits32[row]):
             a.model, a.weights = name, loaded.weights
+        matrices = weight_matrices(loaded.model)
+        picked = sample_matrices(matrices, sample, seed)
+        out.independent[row] = [
+            {"row": row, **rec}
+            for a in (out.audits32[row], out.audits64[row])
+            for rec in independent_rank_check(matrices, a, picked)
+        ]
         out.w1s[row] = weight_matrices(loaded.model)[0]
         out.w1s[row].matrix = out.w1s[row].matrix.clone()
         if name not in keep:
@@ -651,104 +742,176 @@ def near_threshold_check(
     return out
 
 
-def shape_verdict(check: RowCheck) -> tuple[bool, str]:
-    """Is the row's shape claim (``n`` and ``mu``) reproduced, and if not, why (the ``n`` mismatch first)."""
-    if check.n_fits and check.mu_fits:
-        return True, ""
-    if not check.n_fits:
-        return False, f"percentages imply n in {check.n_implied}, {check.model} has {check.n}"
-    return False, f"mu {check.mu} vs {check.mu_paper}"
+def fitted_rows(checks: Sequence[RowCheck], chosen: Mapping[str, str]) -> dict[str, str]:
+    """Rows whose constructor (or counting rule) the book chose *by fitting the paper's own numbers*, with how.
+
+    A row is fitted when its candidate constructors (``checks``: every candidate of every row, from
+    :func:`check_all_rows`) disagree on whether they fit, so the paper's numbers picked one; and the rows with a
+    transposed convolution (:data:`CONV_TRANSPOSE_ROWS`), whose counting rule was picked by fitting them.
+    Agreement on such a row confirms the identification, not the paper ("identified", not "reproduced").
+    """
+    by_row: dict[str, list[RowCheck]] = {}
+    for c in checks:
+        by_row.setdefault(c.row, []).append(c)
+    out = {}
+    for row, cands in by_row.items():
+        misfits = [c.model for c in cands if not c.fits]
+        if misfits and len(misfits) < len(cands):
+            out[row] = f"{chosen.get(row, cands[0].model)} chosen because {', '.join(misfits)} does not fit"
+    for row in CONV_TRANSPOSE_ROWS:
+        if row in by_row:
+            out[row] = (out.get(row, "") + "; " if row in out else "") + (
+                "transposed convolutions left out because that reading fits this row"
+            )
+    return out
 
 
-def nullity_verdict(
-    check: RowCheck, ours64: ModelAudit, ours32: ModelAudit, paper_row: Mapping[str, Any], pretrained: bool
-) -> tuple[str, str]:
-    """(status, reason) of the row's nullity claim (``nu``, sum of nullities, nullity(W1)).
+def shape_criterion(check: RowCheck, paper_row: Mapping[str, Any], fitted: bool) -> verdict.Criterion:
+    """What makes a row's shape claim hold, from the paper alone: the constructor's ``(n, mu)`` has an ``n``
+    that Table 1's truncated percentages allow and the printed ``mu``. ``fitted``: the constructor was chosen
+    by fitting these numbers, so the claim is an identification."""
+    implied, mu = set(check.n_implied), int(paper_row["mu"])
+    text = (
+        f"n ∈ {sorted(implied) or '∅'} (the n for which ν/n and μ/n truncate to {paper_row['nu_over_n_pct']}% "
+        f"and {paper_row['mu_over_n_pct']}%) and μ = {mu}"
+    )
+    return verdict.holds_when(
+        text, lambda m: m[0] in implied and m[1] == mu, kind="identification" if fitted else "paper"
+    )
 
-    A paper number these shapes make impossible differs whatever the weights; otherwise, with pretrained weights,
-    the claim is reproduced when the float64 or the float32 audit gives all three paper numbers and differs if
-    neither does; with random weights it is not checkable (the shapes' lower bounds are reported)."""
-    if check.impossible:
-        return results.DIFFERS, "impossible for these shapes: " + "; ".join(check.impossible)
-    if not pretrained:
-        return results.NOT_CHECKABLE, (
-            f"shapes force nu>={check.structural_nu}, sum>={check.structural_sum}, "
-            f"W1>={check.structural_w1}: consistent with the paper"
-        )
-    paper_numbers = (paper_row["nu"], paper_row["sum_nullity"], paper_row["nullity_W1"])
-    same = (ours64.nu, ours64.sum_nullity, ours64.nullity_w1) == paper_numbers
-    same32 = (ours32.nu, ours32.sum_nullity, ours32.nullity_w1) == paper_numbers
-    if same:
-        return results.REPRODUCED, ""
-    if same32:
-        return results.REPRODUCED, "matches in float32"
-    return results.DIFFERS, "trained checkpoint / tolerance differ (see sweep)"
+
+#: The precision at which the nullity claims are judged: how the weights are stored (float32), the precision
+#: the kernel bases of :mod:`helpers.linalg.kernels` use.
+CLAIM_PRECISION = "float32"
+
+
+def nullity_criterion(paper_row: Mapping[str, Any]) -> verdict.Criterion:
+    """What makes a row's nullity claim hold: our (nu, sum of nullities, nullity(W1)) at the stored precision
+    equal the paper's. Only trained weights can decide it."""
+    target = (int(paper_row["nu"]), int(paper_row["sum_nullity"]), int(paper_row["nullity_W1"]))
+    return verdict.equals(
+        target, f"(ν, Σ nullity, nullity(W1)) at the rank rule's {CLAIM_PRECISION} precision"
+    ).trained()
 
 
 def row_claims(
-    audits: Table1Audits, paper_rows: Mapping[str, dict[str, Any]], checks: Mapping[str, RowCheck]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Two claims per audited row, as keyword arguments of ``Chapter.claim``: ``01.<row>.shape`` (n and mu, from
-    the shapes, :func:`shape_verdict`) and ``01.<row>.nullities`` (:func:`nullity_verdict`); and one summary record
-    per row for the page."""
-    claims, summary = [], []
+    audits: Table1Audits,
+    paper_rows: Mapping[str, dict[str, Any]],
+    checks: Mapping[str, RowCheck],
+    fitted: Mapping[str, str],
+) -> list[dict[str, Any]]:
+    """Two claims per audited row, as keyword arguments of ``Chapter.claim`` (criterion objects, no status):
+    ``01.<row>.shape`` (:func:`shape_criterion`; "identification" when the row is in ``fitted``, from
+    :func:`fitted_rows`) and ``01.<row>.nullities`` (:func:`nullity_criterion`, needs trained weights)."""
+    claims = []
     for row in audits.rows:
         a, a32, c, p = audits.audits64[row], audits.audits32[row], checks[row], paper_rows[row]
-        shape_ok, shape_reason = shape_verdict(c)
-        status, reason = nullity_verdict(c, a, a32, p, audits.pretrained[row])
+        shape_reason = "" if c.n_fits else f"percentages imply n in {c.n_implied}; {a.model} has {a.n}"
+        if c.n_fits and not c.mu_fits:
+            shape_reason = f"mu {c.mu} vs {c.mu_paper}"
         claims.append(
             {
                 "id": f"01.{row}.shape",
                 "description": f"{row}: n and mu ({a.model})",
+                "criterion": shape_criterion(c, p, row in fitted),
                 "paper": f"n={c.n_implied}, mu={c.mu_paper}",
                 "ours": f"n={a.n}, mu={a.mu}",
-                "status": results.REPRODUCED if shape_ok else results.DIFFERS,
-                "weights": "shapes",
-                "reason": shape_reason,
+                "measured": (a.n, a.mu),
+                "models": (a.model,),
+                "reason": "; ".join(x for x in (fitted.get(row, ""), shape_reason) if x),
             }
         )
         claims.append(
             {
                 "id": f"01.{row}.nullities",
                 "description": f"{row}: nu, sum of nullities, nullity(W1)",
+                "criterion": nullity_criterion(p),
                 "paper": f"nu={p['nu']}, sum={p['sum_nullity']}, W1={p['nullity_W1']}",
-                "ours": f"nu={a.nu}, sum={a.sum_nullity}, W1={a.nullity_w1} "
-                f"(float32: {a32.nu}/{a32.sum_nullity}/{a32.nullity_w1})",
-                "status": status,
-                "weights": audits.loaded[row].weights,
-                "reason": reason,
+                "ours": f"nu={a32.nu}, sum={a32.sum_nullity}, W1={a32.nullity_w1} "
+                f"(float64 precision: {a.nu}/{a.sum_nullity}/{a.nullity_w1})",
+                "measured": (a32.nu, a32.sum_nullity, a32.nullity_w1),
+                "models": (a.model,),
+                "reason": f"shapes force nu>={c.structural_nu}, sum>={c.structural_sum}, W1>={c.structural_w1}",
             }
         )
-        summary.append(
-            {
-                "row": row,
-                "constructor": a.model,
-                "shape claim": "reproduced" if shape_ok else "differs",
-                "nullity claim": status,
-                "reason": shape_reason or reason,
-            }
-        )
-    return claims, summary
+    return claims
 
 
-def audit_invariants(audits: Table1Audits, checks: Mapping[str, RowCheck]) -> list[tuple[bool, str, Any]]:
-    """The must-hold checks of every audited row as ``(ok, what, measured)``: the audit's ``n`` and ``mu`` equal
-    the shapes' (``checks``), every nullity (float64 and float32) lies in ``[0, cols]``, and every float64
-    nullity is at least ``cols - rows``."""
+def attainable_claim(audits: Table1Audits, checks: Mapping[str, RowCheck]) -> dict[str, Any]:
+    """One claim over every audited row (keyword arguments of ``Chapter.claim``): the printed nu, sum of
+    nullities and nullity(W1) are attainable by *some* weights of the row's shapes (a nullity is at least
+    ``cols - rows`` and at most ``cols``). Shapes decide it, so random weights can."""
+    ok = [not checks[r].impossible for r in audits.rows]
+    bad = [f"{r}: {'; '.join(checks[r].impossible)}" for r in audits.rows if checks[r].impossible]
+    return {
+        "id": "01.attainable",
+        "description": "Table 1's nullities are possible for the audited architectures",
+        "criterion": verdict.every("printed ν, Σ nullity and nullity(W1) within the bounds the row's shapes allow"),
+        "paper": "Table 1",
+        "ours": stats.Rate.of(ok),
+        "models": tuple(audits.audits64[r].model for r in audits.rows),
+        "reason": "; ".join(bad),
+    }
+
+
+def claims_table(claims: Sequence[results.Claim]) -> list[dict[str, Any]]:
+    """The chapter's recorded claims as page rows: id, result (the status), criterion, paper, ours, reason."""
+    return [
+        {
+            "claim": c.id,
+            "result": c.status,
+            "criterion": c.criterion,
+            "paper": c.paper,
+            "ours": c.ours,
+            "reason": c.reason,
+        }
+        for c in claims
+    ]
+
+
+def independent_checks(audits: Table1Audits) -> list[tuple[bool, str, Any]]:
+    """The must-hold checks on the sampled matrices of :attr:`Table1Audits.independent` as ``(ok, what,
+    measured)``, one pair per precision: (1) the audit's rank equals numpy's independent float64 SVD rank on
+    every sample whose rank is robust (no singular value within the SVD's rounding allowance of the threshold);
+    (2) at the stored precision (float32), every sample is robust, the certificate that the ranks the claims use
+    cannot depend on rounding. At float64 precision the threshold ``k eps64`` lies inside the rounding band, so
+    an exactly null direction (trained weights) is reported as ambiguous there, not failed."""
+    records = [r for recs in audits.independent.values() for r in recs]
     out: list[tuple[bool, str, Any]] = []
-    for row in audits.rows:
-        a, c = audits.audits64[row], checks[row]
-        bad = [r.name for aa in (a, audits.audits32[row]) for r in aa.rows if not 0 <= r.nullity <= r.cols]
-        out += [
+    for precision in ("float32", "float64"):
+        recs = [r for r in records if r["precision"] == precision]
+        robust = [r for r in recs if r["robust"]]
+        wrong = [f"{r['row']}/{r['matrix']}: {r['audit rank']} vs {r['numpy rank']}" for r in robust if not r["agree"]]
+        out.append(
             (
-                a.n == c.n and a.mu == c.mu,
-                f"{row}: n and mu of the audit equal what the shapes force",
-                f"n={a.n}, mu={a.mu}",
-            ),
-            (not bad, f"{row}: every nullity in [0, cols]", bad or "all"),
-            (all(r.nullity >= r.structural_nullity for r in a.rows), f"{row}: every nullity >= cols - rows", "ok"),
-        ]
+                bool(recs) and not wrong,
+                f"{precision}: audit rank = numpy float64 SVD rank (W1 + a random sample per model)",
+                "; ".join(wrong) or f"{len(robust)} of {len(recs)} agree; {len(recs) - len(robust)} ambiguous",
+            )
+        )
+        if precision == CLAIM_PRECISION:
+            shaky = [f"{r['row']}/{r['matrix']} (margin {r['margin']:.2g})" for r in recs if not r["robust"]]
+            out.append(
+                (
+                    bool(recs) and not shaky,
+                    f"{precision}: every sampled rank robust (margin from the threshold > the SVD's rounding)",
+                    "; ".join(shaky) or f"{len(recs)} of {len(recs)}",
+                )
+            )
     return out
+
+
+def w1_order_checks(order_rows: Sequence[Mapping[str, Any]]) -> list[tuple[bool, str, Any]]:
+    """One must-hold check per :func:`w1_order_row` record: W1 (registration order) is the first weight layer a
+    forward pass runs."""
+    return [
+        (
+            bool(r["same"]),
+            f"{r['model']}: W1 is the first layer the input meets",
+            f"{r['W1 (registration order)']} / {r['first executed']}",
+        )
+        for r in order_rows
+    ]
 
 
 def rank_path_checks(

@@ -327,3 +327,128 @@ def exact_null_directions(layer: nn.Module, input_shape: Sequence[int]) -> torch
         return out
     _, vectors = operator_null_space(layer, (c, h, w))
     return vectors
+
+
+def null_residuals_within_rule(layer: nn.Module, vectors: torch.Tensor, bound: float) -> tuple[bool, float]:
+    """Whether every vector (k, *patch_shape) is null for W1 by the rank rule: ``||W1 phi|| <= bound * ||phi||``.
+
+    ``bound`` is the rule's absolute threshold ``rtol * sigma_max`` (``KernelBasis.tol``): a trained W1 may have
+    near-null directions with ``||W1 phi||`` up to it, which the rule counts as kernel. ``||W1 phi||`` is
+    recomputed here from the layer's weight in float64 (not read from the basis). Returns (ok, worst ratio
+    ``max ||W1 phi|| / ||phi||``).
+    """
+    w = weight_matrix(layer).cpu()
+    flat = vectors.detach().double().cpu().reshape(vectors.shape[0], -1)
+    worst = float(((flat @ w.T).norm(dim=1) / flat.norm(dim=1).clamp_min(1e-300)).max())
+    return worst <= bound, worst
+
+
+def perturbation_within_rule(layer: nn.Conv2d, p: torch.Tensor, bound: float) -> tuple[bool, float]:
+    """Whether a whole-image perturbation p (C, H, W) is invisible to the conv by the rank rule:
+    ``||A p|| <= bound * ||p||`` (A: the zero-padded conv, float64). For non-overlapping windows whose every
+    patch is a kernel vector, the rule's per-patch bound gives exactly this. Returns (ok, ``||A p|| / ||p||``)."""
+    d = p.detach().double().cpu().unsqueeze(0)
+    ratio = float(conv_apply(layer, d).norm() / d.norm().clamp_min(1e-300))
+    return ratio <= bound, ratio
+
+
+def spectrum_matches_direct(
+    layer: nn.Conv2d, spectrum: PolyphaseSpectrum, k: int = 1, rtol: float = 1e-6
+) -> tuple[bool, float]:
+    """Whether the DFT's k most invisible images have, by a direct circular convolution, the gain the spectrum
+    predicts (within ``rtol * sigma_max``). Returns (ok, worst |measured - predicted| / sigma_max)."""
+    sigmas, images = spectrum.near_null_vectors(k)
+    measured = circular_conv_apply(layer, images).flatten(1).norm(dim=1)
+    gap = float((measured - sigmas).abs().max()) / spectrum.sigma_max
+    return gap <= rtol, gap
+
+
+def sigma_min_dense(layer: nn.Conv2d, input_shape: Sequence[int]) -> float:
+    """The exact smallest singular value of the zero-padded conv operator on one small image (C, H, W):
+    ``sqrt(lambda_min(A^T A))`` from the dense operator in float64 (C*H*W <= 6000 columns)."""
+    a = dense_operator(layer, input_shape)
+    return float(torch.linalg.eigvalsh(a.T @ a)[0].clamp_min(0.0).sqrt())
+
+
+def sigma_min_iterative(
+    layer: nn.Conv2d, input_shape: Sequence[int], *, shift: float, tol: float = 1e-8, seed: int = 0
+) -> tuple[float, float]:
+    """The smallest singular value of the zero-padded conv operator on a whole image, matrix-free.
+
+    Lanczos (ARPACK ``eigsh``) for the largest eigenvalue of ``shift^2 I - A^T A`` (any ``shift``; about sigma_max
+    converges fastest), with ``A`` and ``A^T`` applied as the conv and its transpose in float64. Returns
+    (sigma, relative residual ``||A^T A v - sigma^2 v|| / shift^2`` of the returned unit vector). The result is
+    a Ritz value: it approaches sigma_min from above and is **not** a certified lower bound.
+    """
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator, eigsh
+    from torch.nn.grad import conv2d_input
+
+    c, h, w = _conv_input_shape(layer, input_shape)
+    shape = (1, c, h, w)
+    weight = layer.weight.detach().cpu().double()
+
+    def gram(v: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(v, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return conv2d_input(shape, weight, y, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    def matvec(v: Any) -> Any:
+        x = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).reshape(shape)
+        return (shift**2 * x - gram(x)).reshape(-1).numpy()
+
+    n = c * h * w
+    v0 = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
+    vals, vecs = eigsh(LinearOperator((n, n), matvec=matvec, dtype=np.float64), k=1, which="LA", tol=tol, v0=v0)
+    lam = max(shift**2 - float(vals[0]), 0.0)
+    v = torch.from_numpy(vecs[:, 0].copy()).reshape(shape)
+    v = v / v.norm()
+    residual = float((gram(v) - lam * v).norm()) / shift**2
+    return math.sqrt(lam), residual
+
+
+@dataclass
+class InjectivityEvidence:
+    """What is computed about sigma_min of the zero-padded conv operator (all gains in the layer's units).
+
+    ``exact``: {N: sigma_min on an N x N image, dense and exact}; ``corner_at``: {N: the smallest corner-mode gain
+    of ``boundary_near_null`` on that image, an upper bound of sigma_min there}; ``iterative``: the Lanczos
+    value on the full image (``input_shape``), with its relative ``residual``; ``corner``: the smallest
+    corner-mode gain on the full image (an upper bound). No certified lower bound at the full size.
+    """
+
+    input_shape: tuple[int, int, int]
+    exact: dict[int, float]
+    corner_at: dict[int, float]
+    iterative: float
+    residual: float
+    corner: float
+
+    def consistent(self, rtol: float = 1e-6) -> tuple[bool, str]:
+        """The internal check: every exact sigma_min at most its corner upper bound, the Lanczos value at most
+        the full image's corner gain, its residual below ``rtol``. Returns (ok, what was compared)."""
+        small = all(self.exact[n] <= self.corner_at[n] * (1 + 1e-9) for n in self.exact)
+        big = self.iterative <= self.corner * (1 + rtol)
+        pairs = ", ".join(f"{self.exact[n]:.5g} <= {self.corner_at[n]:.5g}" for n in self.exact)
+        text = (
+            f"exact vs corner: {pairs}; "
+            f"Lanczos {self.iterative:.6g} <= corner {self.corner:.6g}; residual {self.residual:.1e}"
+        )
+        return small and big and self.residual <= rtol, text
+
+
+def injectivity_evidence(
+    layer: nn.Conv2d,
+    input_shape: Sequence[int],
+    sizes: Sequence[int],
+    *,
+    shift: float,
+    corner: float,
+    crop: int = 8,
+) -> InjectivityEvidence:
+    """Exact sigma_min of the zero-padded operator on small N x N images (``sizes``), their corner upper
+    bounds, and the Lanczos estimate on the full ``input_shape`` (see :class:`InjectivityEvidence`)."""
+    c, h, w = _conv_input_shape(layer, input_shape)
+    exact = {n: sigma_min_dense(layer, (c, n, n)) for n in sizes}
+    corner_at = {n: float(boundary_near_null(layer, (c, n, n), k=1, crop=min(crop, n // 2))[0][0]) for n in sizes}
+    sigma, residual = sigma_min_iterative(layer, (c, h, w), shift=shift)
+    return InjectivityEvidence((c, h, w), exact, corner_at, sigma, residual, corner)

@@ -4,8 +4,10 @@ The matrix rule
 ---------------
 ``nn.Linear``: ``W1`` is ``out x in``. ``nn.Conv2d`` (also timm/torchvision patch embeddings): ``W1`` is
 ``out x (in/groups * kh * kw)``, the weight reshaped, acting on one unfolded patch. ``ker(W1)`` is computed by an
-SVD in float64 with the book's rank rule (:mod:`helpers.linalg.rank_rule`) at the precision the weights are
-stored in; its vectors are returned in patch shape ``(in/groups, kh, kw)`` (``KernelBasis``).
+SVD in float64 with the book's one rank rule (:mod:`helpers.linalg.rank_rule`) at the precision the weights are
+stored in (``layer_precision``), exactly as the audit applies it: the audit's nullity of a layer at that
+precision is the number of basis vectors. Its vectors are returned in patch shape ``(in/groups, kh, kw)``
+(``KernelBasis``); every unit vector phi in their span satisfies ``||W1 phi|| <= null_residual_bound(basis)``.
 ``PixelKernel`` / ``pixel_kernel`` give the same kernel for a model that takes pixels (``PixelSpace``).
 The convolution as an operator on whole images is :mod:`helpers.linalg.conv_operator`.
 """
@@ -39,7 +41,8 @@ class KernelBasis:
     vectors: (k, *patch_shape) float64, orthonormal when flattened; Linear: (k, in_features),
       Conv2d: (k, in_channels // groups, kh, kw).
     singular_values: all singular values of ``W1`` (min(out, in)), descending, float64.
-    tol: the threshold below which a singular value counts as zero (absolute, same units as W1).
+    tol: the rank rule's threshold ``rtol * sigma_max`` below which a singular value counts as zero (absolute,
+      same units as W1), for a near-null basis too (its vectors may lie above it).
     near_null: True when the vectors are the smallest right singular vectors rather than an exact kernel.
     residual_norms: ``||W1 phi||`` for each vector (float64), the measure of how null each one is.
     """
@@ -68,6 +71,11 @@ class KernelBasis:
     @property
     def patch_shape(self) -> tuple[int, ...]:
         return tuple(self.vectors.shape[1:])
+
+    @property
+    def residual_bound(self) -> float:
+        """:func:`null_residual_bound` of this basis."""
+        return null_residual_bound(self)
 
     def flat(self) -> torch.Tensor:
         """The vectors as rows of a (k, n) matrix."""
@@ -144,10 +152,37 @@ def _svd(layer: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
     return w.cpu(), s, vh
 
 
+def layer_precision(layer: nn.Module) -> torch.dtype:
+    """The precision the rank rule uses for ``layer``: the dtype its weights are stored in."""
+    return layer_weight(layer).dtype
+
+
 def layer_rtol(layer: nn.Module) -> float:
     """The book's rank rule (:func:`rank_rule.default_rtol`) at the precision the weights are *stored* in."""
     w = layer_weight(layer)
-    return rank_rule.default_rtol((w.shape[0], int(math.prod(w.shape[1:]))), w.dtype)
+    return rank_rule.default_rtol((w.shape[0], int(math.prod(w.shape[1:]))), layer_precision(layer))
+
+
+def null_residual_bound(basis: KernelBasis) -> float:
+    """An upper bound on ``||W1 phi||`` for every unit vector ``phi`` in the span of ``basis`` (absolute, the
+    units of W1).
+
+    Exact kernel: the rank rule's threshold ``tol = rtol * sigma_max`` (every basis vector's singular value is at
+    most that), plus the float64 SVD's rounding allowance ``rank_rule.rounding_allowance(shape) * sigma_max``.
+    Near-null basis: the largest singular value among the chosen vectors (0 for those beyond ``min(rows, cols)``),
+    plus the same allowance. A combination ``sum c_i v_i`` of orthonormal right singular vectors with ``|c| = 1``
+    has ``||W1 sum c_i v_i||^2 = sum c_i^2 sigma_i^2``, so the largest ``sigma_i`` bounds every direction.
+    """
+    s = basis.singular_values
+    smax = float(s.max()) if s.numel() else 0.0
+    slack = rank_rule.rounding_allowance(basis.matrix_shape) * smax
+    if not basis.near_null:
+        return basis.tol + slack
+    cols = basis.matrix_shape[1]
+    exact = cols - s.numel()  # right singular vectors with no singular value: exactly null
+    k = basis.vectors.shape[0]
+    chosen = s[s.numel() - (k - exact) :] if k > exact else s[:0]
+    return (float(chosen.max()) if chosen.numel() else 0.0) + slack
 
 
 def kernel_basis(
@@ -156,14 +191,14 @@ def kernel_basis(
     """An orthonormal basis of ker(W1): vectors (k, *patch_shape).
 
     A singular value counts as zero when it is below ``rtol * sigma_max`` (default ``layer_rtol``: the
-    numerical rank at the precision the weights are stored in). Right singular vectors of a wide matrix
-    beyond its row count are exact kernel vectors whatever the tolerance. Raises ``TrivialKernelError``
-    when the nullity is 0.
+    numerical rank at the precision the weights are stored in, the audit's rule). Right singular vectors of a
+    wide matrix beyond its row count are exact kernel vectors whatever the tolerance. Raises
+    ``TrivialKernelError`` when the nullity is 0.
     """
     w, s, vh = _svd(layer, dtype)
     rtol = layer_rtol(layer) if rtol is None else float(rtol)
     tol = rtol * float(s.max()) if s.numel() else 0.0
-    rank = int((s > tol).sum())
+    rank = rank_rule.rank_from_singular_values(s, (w.shape[0], w.shape[1]), layer_precision(layer), rtol)
     vectors = vh[rank:]
     label = name or type(layer).__name__
     if vectors.shape[0] == 0:
@@ -191,7 +226,8 @@ def near_null_basis(layer: nn.Module, k: int = 8, *, dtype: torch.dtype = torch.
     """The k right singular vectors of W1 with the smallest singular values (exact kernel vectors first).
 
     For layers with a trivial kernel (ViT-B with random weights, a square 768 x 768 W1) this is the best a
-    first-layer perturbation can do: ``||W1 phi|| = sigma`` for each unit vector.
+    first-layer perturbation can do: ``||W1 phi|| = sigma`` for each unit vector. ``tol`` is the rank rule's
+    threshold (as in :func:`kernel_basis`), so ``rank`` is the audit's rank of the layer.
     """
     w, s, vh = _svd(layer, dtype)
     n = vh.shape[0]
@@ -201,7 +237,7 @@ def near_null_basis(layer: nn.Module, k: int = 8, *, dtype: torch.dtype = torch.
     return KernelBasis(
         vectors.reshape(-1, *_patch_shape(layer)),
         s,
-        0.0,
+        layer_rtol(layer) * float(s.max()) if s.numel() else 0.0,
         name or type(layer).__name__,
         tuple(layer_weight(layer).shape),
         True,

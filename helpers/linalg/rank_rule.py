@@ -1,9 +1,17 @@
 """The book's one rank rule, and a fast way to apply it to every weight matrix of a model.
 
-``rank = #{sigma_i > rtol * sigma_max}`` with ``rtol = max(rows, cols) * eps(dtype)`` by default
-(``torch.linalg.matrix_rank``'s convention; ``default_rtol``). ``reference_rank`` applies it with one SVD;
-``matrix_ranks`` batches same-shape matrices and skips the SVD of a wide/tall matrix when a Gram-matrix
-eigenvalue bound certifies full rank (``certify_full_rank``), which the tests check against the reference.
+``rank = #{sigma_i > rtol * sigma_max}`` with ``rtol = max(rows, cols) * eps(precision)`` by default
+(``torch.linalg.matrix_rank``'s convention; ``default_rtol``). The singular values are always computed in
+float64 (:data:`SVD_DTYPE`); the *precision* (``dtype`` below: float32 for weights stored in float32, float64
+for the exact-arithmetic reading) only sets the tolerance. The audit (:mod:`helpers.experiments.audit`) and the
+kernel bases (:mod:`helpers.linalg.kernels`) apply this same rule, so the nullity the audit reports for a layer
+at the weights' stored precision is the dimension of the kernel basis built for it.
+
+``reference_rank`` applies the rule with one SVD; ``matrix_ranks`` batches same-shape matrices and skips the SVD
+of a wide/tall matrix when a Gram-matrix eigenvalue bound certifies full rank (``certify_full_rank``), which the
+tests check against the reference. ``rank_margin`` / ``rank_is_robust`` say whether a rank decided from computed
+singular values is beyond the reach of the SVD's own rounding (no singular value inside the rounding band
+around the threshold).
 """
 
 from __future__ import annotations
@@ -28,9 +36,39 @@ Method = Literal["fast", "reference"]
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
+#: The dtype every singular value of the rule is computed in, whatever the precision of the tolerance.
+SVD_DTYPE = torch.float64
+
+#: How many float64 ulps (times ``max(rows, cols)``) a computed singular value may be off from the exact one,
+#: relative to ``sigma_max``: backward-stable SVDs give ``|sigma_hat - sigma| <= c k eps sigma_max`` with a small
+#: ``c``; 10 leaves room to spare. Used by the certificate and by :func:`rank_is_robust`.
+ROUNDING_ULPS = 10
+
+
 def default_rtol(shape: tuple[int, int], dtype: torch.dtype) -> float:
     """``torch.linalg.matrix_rank``'s default relative tolerance: ``max(rows, cols) * eps(dtype)``."""
     return max(shape) * torch.finfo(dtype).eps
+
+
+def rounding_allowance(shape: tuple[int, int]) -> float:
+    """The relative error (in units of ``sigma_max``) a float64 SVD of a ``rows x cols`` matrix may make on any
+    singular value: ``ROUNDING_ULPS * max(rows, cols) * eps(float64)``."""
+    return ROUNDING_ULPS * max(shape) * torch.finfo(SVD_DTYPE).eps
+
+
+def rank_margin(sigma: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype, rtol: float | None = None) -> float:
+    """How far the singular values stay from the rule's threshold: ``min_i |sigma_i / sigma_max - rtol|``
+    (``inf`` for an empty or zero matrix, whose rank is 0 whatever the rounding)."""
+    if sigma.numel() == 0 or float(sigma.max()) == 0.0:
+        return float("inf")
+    r = default_rtol(shape, dtype) if rtol is None else rtol
+    return float((sigma.to(SVD_DTYPE) / sigma.max() - r).abs().min())
+
+
+def rank_is_robust(sigma: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype, rtol: float | None = None) -> bool:
+    """True when no singular value lies within the SVD's rounding allowance of the threshold, so the rank the
+    rule gives cannot depend on how the SVD rounded (the certificate of a rank decided by an SVD)."""
+    return rank_margin(sigma, shape, dtype, rtol) > rounding_allowance(shape)
 
 
 def reference_rank(
@@ -39,8 +77,9 @@ def reference_rank(
     rtol: float | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[int, torch.Tensor]:
-    """(rank, singular values in descending order) of one 2-D matrix: ``svdvals`` in ``dtype``, then the rule."""
-    w = matrix.to(device=device or matrix.device, dtype=dtype)
+    """(rank, singular values in descending order) of one 2-D matrix: ``svdvals`` in float64 (:data:`SVD_DTYPE`),
+    then the rule with the tolerance of the precision ``dtype``."""
+    w = matrix.to(device=device or matrix.device, dtype=SVD_DTYPE)
     sigma = torch.linalg.svdvals(w)
     return rank_from_singular_values(sigma, (matrix.shape[0], matrix.shape[1]), dtype, rtol), sigma
 
@@ -85,9 +124,9 @@ def certify_full_rank(
     (Higham, *Accuracy and Stability*, Thm 3.5), and a Cholesky factorisation of ``A`` that completes proves
     ``A + dA`` positive definite with ``||dA||_2 <= gamma_{p+1} trace(A)`` (Thm 10.3). So a Cholesky of
     ``G - t I`` that completes proves ``sigma_min(W)^2 >= lambda_min(G_s) >= t - errors``. The threshold is
-    ``t = (margin * sigma_max_upper)^2`` with ``margin = rtol + 10 k eps(dtype)``: the extra term covers the
-    reference SVD's own rounding (``|sigma_hat - sigma| <= k eps sigma_max``, with a factor 10 to spare), so
-    the reference ``svdvals`` in ``dtype`` cannot put a singular value below its threshold either.
+    ``t = (margin * sigma_max_upper)^2`` with ``margin = rtol + rounding_allowance``: the extra term covers the
+    reference SVD's own rounding (``|sigma_hat - sigma| <= k eps64 sigma_max``, with a factor 10 to spare), so
+    the reference ``svdvals`` (float64) cannot put a singular value below its threshold either.
     ``sigma_max_upper^2`` is ``||W||_F^2``, or with ``power_iterations > 0`` (full Gram only) a power-iteration
     estimate proven by a Cholesky of ``c I - G``. A matrix not certified is not declared deficient: the caller
     sends it to the reference SVD.
@@ -101,7 +140,7 @@ def certify_full_rank(
     fro2 = trace if s == k else w.to(torch.float64).square().sum((-2, -1)) * (1 + 4 * _gamma(k, u))
     err = 2 * (_gamma(s, u) + 2 * _gamma(p + 1, u) + 2 * u) * trace  # gram + cholesky + shift, x2 spare
     eye = torch.eye(p, dtype=g.dtype, device=g.device)
-    margin = (default_rtol((m, n), dtype) if rtol is None else rtol) + 10 * k * torch.finfo(dtype).eps
+    margin = (default_rtol((m, n), dtype) if rtol is None else rtol) + rounding_allowance((m, n))
     _, info = torch.linalg.cholesky_ex(g - (margin**2 * fro2 + err)[:, None, None] * eye)
     ok = (info == 0) & (fro2 > 0)
     retry = (~ok & (fro2 > 0)).nonzero().flatten()

@@ -106,3 +106,14 @@ def train_mnist_segmenter(
     with torch.no_grad():
         pred = model(test_images[:2000].to(device)).argmax(1).cpu()
     return model, mask_iou(pred, digit_masks(test_images[:2000]))
+
+
+def mask_iou_batch(pred: torch.Tensor, target: torch.Tensor, background: int = 0) -> torch.Tensor:
+    """``mask_iou`` of each pair of a batch: (B, H, W) integer masks -> (B,) float (1.0 where both are empty)."""
+    if pred.shape != target.shape or pred.dim() != 3:
+        raise PixelInputError(
+            f"masks must be two (B, H, W) batches of the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
+    union = ((pred != background) | (target != background)).flatten(1).sum(1)
+    inter = ((pred == target) & (target != background)).flatten(1).sum(1)
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union, dtype=torch.float32)).float()
