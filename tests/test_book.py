@@ -58,11 +58,18 @@ def test_scoreboard_lists_claims(tmp_path) -> None:
     page = results.scoreboard_markdown([r for r in records if r["chapter"] == "demo"], {"demo": "Demo"})
     assert "## [Demo](chapters/demo.ipynb)" in page
     assert (
-        '| <span class="status status-differs">differs</span> | a claim | nullity = 84 | 84 | 83 | random | '
+        '| <span class="status status-differs">differs</span> | a claim | nullity = 84 | 84 | 83 | Weights: random. '
         "trained weights add one |"
     ) in page
     assert "**1 differs.**" in page
     assert records[-1]["claims"][0]["criterion"] == "nullity = 84"
+
+
+def test_every_status_has_a_colour() -> None:
+    css = (pipeline.ROOT / "_static" / "book.css").read_text()
+    for status in verdict.STATUSES:
+        slug = results.status_badge(status).split("status-", 1)[1].split('"', 1)[0]
+        assert f"span.status-{slug} " in css, status
 
 
 def test_claim_status_is_validated() -> None:

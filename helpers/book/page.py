@@ -150,21 +150,21 @@ def key_values(mapping: dict[str, Any], caption: str = "") -> None:
     )
 
 
-def glue(name: str, value: Any) -> Any:
+def glue(name: str, value: Any) -> None:
     """Make ``value`` available to the chapter's prose (MyST-NB glue), without showing it here.
 
     Numbers: ``{glue:text}`name:.2f``` in the Markdown; text (a str, e.g. a conclusion a computation chose):
     ``{glue:md}`name```. Numbers and conclusions in prose come from here, never typed. Outside a book build
-    (e.g. on Colab without MyST-NB) the value is only returned; the prose then shows the role's name.
+    (e.g. on Colab without MyST-NB) nothing is shown; the prose then shows the role's name. Returns None, so a
+    cell that ends with a glue shows no echo.
     """
     try:
         from myst_nb import glue as myst_glue
     except ImportError:
-        return value
+        return
     if isinstance(value, str):
         from IPython.display import Markdown
 
         myst_glue(name, Markdown(value), display=False)
     else:
         myst_glue(name, value, display=False)
-    return value

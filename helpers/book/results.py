@@ -192,11 +192,20 @@ def banner_html(random_ones: Iterable[Any]) -> str:
 
 
 def _fmt(value: Any) -> str:
+    """A scoreboard cell: floats to 4 digits, None as an em dash; snake_case names may break after an underscore
+    (a zero-width space) rather than widen the table."""
     if isinstance(value, float):
         return f"{value:.4g}"
     if value is None:
         return "—"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return str(value).replace("|", "\\|").replace("\n", " ").replace("_", "_\u200b")
+
+
+def _notes(claim: dict[str, Any]) -> str:
+    """The scoreboard's last column: the weights the claim rests on, the reason for a difference, the budget."""
+    parts = [f"Weights: {claim['weights']}." if claim.get("weights") not in (None, "", "n/a") else ""]
+    parts += [claim.get("reason", ""), f"Budget: {claim['budget']}." if claim.get("budget") else ""]
+    return " ".join(p for p in parts if p)
 
 
 def markdown_table(
@@ -222,7 +231,7 @@ def markdown_table(
 
 def status_badge(status: str) -> str:
     """A status as inline HTML whose class gives it a colour on the page; the word is always there."""
-    slug = "".join(ch if ch.isalnum() else "-" for ch in status).strip("-")
+    slug = "-".join("".join(ch if ch.isalnum() else " " for ch in status).split())
     return f'<span class="status status-{slug}">{html.escape(status)}</span>'
 
 
@@ -233,8 +242,8 @@ def scoreboard_markdown(records: list[dict[str, Any]], chapter_titles: dict[str,
     for record in records:
         title = chapter_titles.get(record["chapter"], record["chapter"])
         rows = [
-            "| status | claim | criterion | paper | ours | weights | reason |",
-            "|---|---|---|---|---|---|---|",
+            "| status | claim | criterion | paper | ours | notes |",
+            "|---|---|---|---|---|---|",
         ]
         for c in record["claims"]:
             counts[c["status"]] = counts.get(c["status"], 0) + 1
@@ -247,8 +256,7 @@ def scoreboard_markdown(records: list[dict[str, Any]], chapter_titles: dict[str,
                         _fmt(c.get("criterion", "")),
                         _fmt(c["paper"]),
                         _fmt(c["ours"]),
-                        _fmt(c["weights"]),
-                        _fmt(" ".join(x for x in (c["reason"], c.get("budget") and f"Budget: {c['budget']}.") if x)),
+                        _fmt(_notes(c)),
                     ]
                 )
                 + " |"

@@ -962,7 +962,7 @@ def fig3_checks(r: Fig3Results) -> list[Requirement]:
             Requirement(
                 linf <= s.eps + PIXEL_SLACK and outside == 0,
                 f"{name}: every twin within the attack's eps {s.eps:.4g} and in [0, 1]",
-                f"l_inf {linf:.4g}, outside {outside:.2g}",
+                f"l_inf {linf:.4g}, outside {outside + 0.0:.2g}",
             ),
             Requirement(change < ROUND_OFF, f"{name}: twins' outputs equal x''s to round-off", f"{change:.2e}"),
         ]
@@ -975,7 +975,7 @@ def fig3_checks(r: Fig3Results) -> list[Requirement]:
         Requirement(
             worst <= limit + PIXEL_SLACK and outside == 0,
             f"tiled twins within eps {limit:.4g} and in [0, 1]",
-            f"l_inf {worst:.4g}, outside {outside:.2g}",
+            f"l_inf {worst:.4g}, outside {outside + 0.0:.2g}",
         )
     )
     return out
