@@ -386,3 +386,11 @@ def test_fig3_extra_is_plain_data() -> None:
     assert list(extra["studies"]) == ["MNIST patch", "MNIST mlp", "deit_tiny_patch16_224", "MNIST segmenter (ASMA)"]
     json.dumps(extra)
     assert isinstance(stats.Rate(1, 2).text(), str)
+
+
+def test_wide_tables_are_transposed() -> None:
+    narrow = attacks.table({"a": {"x": 1}, "b": {"x": 2}})
+    wide = attacks.table({"a": {f"c{i}": i for i in range(attacks.WIDE_TABLE_COLUMNS + 1)}, "b": {"c0": 5}})
+    text = lambda t: getattr(t, "data", t)  # noqa: E731
+    assert "<th>x</th>" in text(narrow) and "<th>c0</th>" not in text(wide)
+    assert "<th>a</th>" in text(wide) and "<td>c8</td>" in text(wide)

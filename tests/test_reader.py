@@ -50,6 +50,11 @@ BROKEN = {
     "broken_image": ('<p><img src="https://example.invalid/badge.png" alt="badge"></p>', [], "broken image"),
     "raw_table": ("<p>| model | top-1 |\n|---|---|\n| ViT | 81.2 |</p>", [], "raw markdown table"),
     "echoed_path": ("<pre>PosixPath('/x/y.png')</pre>", [], "echoed path"),
+    "echoed_object": (
+        "<p>a <span>&lt;IPython.core.display.Markdown object&gt;</span> first layer</p>",
+        [],
+        "echoed object",
+    ),
     "traceback": (
         '<div class="cell_output"><pre>Traceback (most recent call last):\n  File "x.py", line 1\n'
         + "ValueError: bad</pre></div>",

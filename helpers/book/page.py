@@ -150,6 +150,16 @@ def key_values(mapping: dict[str, Any], caption: str = "") -> None:
     )
 
 
+class GluedText(str):
+    """A string glued for prose: the same text as plain text (``{glue:text}``) and as Markdown (``{glue:md}``)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
 def glue(name: str, value: Any) -> None:
     """Make ``value`` available to the chapter's prose (MyST-NB glue), without showing it here.
 
@@ -162,9 +172,4 @@ def glue(name: str, value: Any) -> None:
         from myst_nb import glue as myst_glue
     except ImportError:
         return
-    if isinstance(value, str):
-        from IPython.display import Markdown
-
-        myst_glue(name, Markdown(value), display=False)
-    else:
-        myst_glue(name, value, display=False)
+    myst_glue(name, GluedText(value) if isinstance(value, str) else value, display=False)

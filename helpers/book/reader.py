@@ -1,7 +1,7 @@
 """The reader's test: open every page of the rendered book in headless Chromium and list what a reader would see broken.
 
 Checks per page: the chapter's figures are there, loaded and drawn at a readable size, no broken image, no raw
-markdown table, no echoed ``PosixPath(...)``, no traceback, no unrendered math, nothing sticking out of the
+markdown table, no echoed ``PosixPath(...)`` or ``<... object>``, no traceback, no unrendered math, nothing sticking out of the
 content column. One full-page
 screenshot per page goes to the screenshots folder with ``report.json`` (page heights and problems).
 
@@ -90,6 +90,10 @@ RAW_MATH = ("\\(", "\\)", "\\[", "$$", "\\begin{")
 
 
 TRACEBACK = "Traceback (most recent call last)"
+
+
+#: A Python object's default repr in the text, e.g. a glued value shown as ``<IPython.core.display.Markdown object>``.
+ECHOED_OBJECT = re.compile(r"<[A-Za-z_][\w.]* object( at 0x[0-9a-f]+)?>")
 
 
 @dataclass
@@ -214,7 +218,7 @@ return out;
 
 
 def text_problems(page: str, text: str) -> list[Problem]:
-    """Problems in a page's visible text: raw markdown tables, echoed paths, tracebacks, raw TeX."""
+    """Problems in a page's visible text: raw markdown tables, echoed paths and object reprs, tracebacks, raw TeX."""
     problems: list[Problem] = []
     lines = text.splitlines()
     table = next((ln for ln in lines if TABLE_SEPARATOR.search(ln)), None)
@@ -224,6 +228,8 @@ def text_problems(page: str, text: str) -> list[Problem]:
         problems.append(Problem(page, "raw markdown table", table.strip()[:80]))
     if (k := text.find("PosixPath(")) >= 0:
         problems.append(Problem(page, "echoed path", text[k : k + 80].splitlines()[0]))
+    if (m := ECHOED_OBJECT.search(text)) is not None:
+        problems.append(Problem(page, "echoed object", m.group(0)))
     if TRACEBACK in text:
         problems.append(Problem(page, "traceback", f"'{TRACEBACK}' in the text"))
     raw = [m for m in RAW_MATH if m in text]

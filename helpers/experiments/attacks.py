@@ -225,11 +225,19 @@ def first_fooled(
     return i, adversarial[i : i + 1]
 
 
+#: A ``{row name: {column: value}}`` table with more columns than this is shown transposed.
+WIDE_TABLE_COLUMNS = 8
+
+
 def table(rows: dict[str, dict[str, Any]] | Sequence[dict[str, Any]], digits: int = 4) -> Any:
-    """A table for the notebooks: ``{row name: {column: value}}`` or a list of dicts, floats with ``digits``
-    significant digits. Returns an IPython ``HTML`` object (``page.table_html``; plain text outside IPython)."""
+    """A table for the notebooks: ``{row name: {column: value}}`` (transposed when it has more than
+    ``WIDE_TABLE_COLUMNS`` columns) or a list of dicts, floats with ``digits`` significant digits. Returns an IPython ``HTML`` object (``page.table_html``; plain text outside IPython)."""
     if isinstance(rows, dict):
-        rows = [{"": name, **values} for name, values in rows.items()]
+        columns = list(dict.fromkeys(k for values in rows.values() for k in values))
+        if len(columns) > WIDE_TABLE_COLUMNS:  # too wide for the text column: one row per quantity instead
+            rows = [{"": c, **{name: values.get(c) for name, values in rows.items()}} for c in columns]
+        else:
+            rows = [{"": name, **values} for name, values in rows.items()]
     try:
         from IPython.display import HTML
 
