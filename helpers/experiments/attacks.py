@@ -231,7 +231,8 @@ WIDE_TABLE_COLUMNS = 8
 
 def table(rows: dict[str, dict[str, Any]] | Sequence[dict[str, Any]], digits: int = 4) -> Any:
     """A table for the notebooks: ``{row name: {column: value}}`` (transposed when it has more than
-    ``WIDE_TABLE_COLUMNS`` columns) or a list of dicts, floats with ``digits`` significant digits. Returns an IPython ``HTML`` object (``page.table_html``; plain text outside IPython)."""
+    ``WIDE_TABLE_COLUMNS`` columns) or a list of dicts, floats with ``digits`` significant digits. Returns an
+    IPython ``HTML`` object (``page.table_html``; plain text outside IPython)."""
     if isinstance(rows, dict):
         columns = list(dict.fromkeys(k for values in rows.values() for k in values))
         if len(columns) > WIDE_TABLE_COLUMNS:  # too wide for the text column: one row per quantity instead
