@@ -2,7 +2,8 @@
 
 Checks per page: the chapter's figures are there, loaded and drawn at a readable size, no broken image, no raw
 markdown table, no echoed ``PosixPath(...)`` or ``<... object>``, no traceback, no unrendered math, nothing
-sticking out of the content column. One full-page screenshot per page goes to the screenshots folder with ``report.json`` (page heights and problems).
+sticking out of the content column. One full-page screenshot per page goes to the screenshots folder with
+``report.json`` (page heights and problems).
 
     python -m helpers.book.reader _build/html --results results --screenshots _build/screenshots
 
