@@ -139,3 +139,12 @@ def imagenet_pixels(image: Image.Image, size: int = 224) -> torch.Tensor:
         ]
     )
     return pipeline(image).unsqueeze(0)
+
+
+def photo_labels() -> dict[str, set[int]]:
+    """Hand labels (``photo_labels.json``): photo name -> the ImageNet-1k class ids that count as correct."""
+    import json
+    from importlib import resources
+
+    data = json.loads(resources.files("helpers.data").joinpath("photo_labels.json").read_text())
+    return {name: {int(k) for k in classes} for name, classes in data["labels"].items()}

@@ -52,3 +52,24 @@ def top_k_labels(probs: torch.Tensor, indices: torch.Tensor, names: Sequence[str
 def device_of(module: nn.Module) -> torch.device:
     """The device of a module's first parameter (the book's models live on one device)."""
     return next(module.parameters()).device
+
+
+def labelled_accuracy(loaded: Any, k: int = 5, size: int = 224) -> dict[str, Any]:
+    """Top-1 and top-``k`` hits of a registry ImageNet classifier on the hand-labelled offline photos
+    (``photos.photo_labels``): {"top1": Rate, f"top{k}": Rate, "predictions": {photo: top-1 class name}}."""
+    from helpers import stats
+    from helpers.data import normalization, photos
+
+    labels = photos.photo_labels()
+    names, pixels = photos.natural_image_set(size, tuple(labels))
+    with torch.no_grad():
+        logits = output_tensor(loaded.model(normalization.model_input(loaded, pixels.to(device_of(loaded.model)))))
+    top = logits.topk(k, dim=1).indices.cpu()
+    hits1 = [int(t[0]) in labels[n] for n, t in zip(names, top)]
+    hitsk = [bool(labels[n] & set(t.tolist())) for n, t in zip(names, top)]
+    classes = loaded.class_names
+    return {
+        "top1": stats.Rate.of(hits1),
+        f"top{k}": stats.Rate.of(hitsk),
+        "predictions": {n: classes[int(t[0])] if classes else int(t[0]) for n, t in zip(names, top)},
+    }

