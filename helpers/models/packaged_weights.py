@@ -124,7 +124,8 @@ def stem_variance_ratio(
     ``model`` is a timm EfficientNet (``conv_stem``, ``bn1``)."""
     m = torch.tensor(mean, dtype=pixels.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=pixels.dtype).view(1, -1, 1, 1)
+    stem, bn = model.get_submodule("conv_stem"), model.get_submodule("bn1")
     with torch.no_grad():
-        out = model.conv_stem((pixels - m) / s)
-    ratio = out.var(dim=(0, 2, 3)) / model.bn1.running_var
+        out = stem((pixels - m) / s)
+    ratio = out.var(dim=(0, 2, 3)) / bn.get_buffer("running_var")
     return float(ratio.log().median().exp())
