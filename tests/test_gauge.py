@@ -173,25 +173,102 @@ def test_cli_registers_the_gauge_command() -> None:
     assert args.quick and args.seeds == 1 and args.func is cli._gauge_command
 
 
-def test_imagenet_path_normalises_pixels_and_keeps_clean_predictions_at_zero_budget() -> None:
+def test_minimal_linf_distances_flip_and_are_upper_bounds() -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.Flatten(), nn.Linear(4 * 4 * 4, 10)).eval()
-    pixels = torch.rand(3, 3, 32, 32)
-    clean = gauge.imagenet_robust_agreement(net, pixels, 0.0)
-    assert (clean.k, clean.n) == (3, 3)
-    attacked = gauge.imagenet_robust_agreement(net, pixels, 0.05, steps=3)
-    assert attacked.n == 3 and 0 <= attacked.k <= 3
-    assert gauge.imagenet_input_size(net, "inception_v3") == 299 and gauge.imagenet_input_size(net, "alexnet") == 224
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)).eval()  # linear: DeepFool lands in one step
+    pixels = torch.rand(4, 3, 8, 8) * 0.5 + 0.25
+    labels = net(pixels).argmax(1)
+    d = gauge.minimal_linf_distances(net, pixels, labels, steps=3)
+    assert d.shape == (4,) and torch.isfinite(d).all() and (d > 0).all()
+    # the distance is at least the exact l_inf distance to the runner-up's boundary of a linear model
+    with torch.no_grad():
+        out = net(pixels)
+        top2 = out.topk(2, 1)
+        w = net[1].weight
+        exact = [
+            (top2.values[i, 0] - top2.values[i, 1]) / (w[top2.indices[i, 0]] - w[top2.indices[i, 1]]).abs().sum()
+            for i in range(4)
+        ]
+    assert all(float(d[i]) >= float(exact[i]) * 0.999 for i in range(4))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        gauge.minimal_linf_distances(net, pixels, labels, steps=0)
+
+
+def _loaded(net: nn.Module, pretrained: bool = True) -> SimpleNamespace:
+    spec = SimpleNamespace(source="test", name="tiny")
+    return SimpleNamespace(is_pretrained=pretrained, model=net, transform=None, spec=spec)
 
 
 def test_imagenet_row_runs_over_the_natural_photo_set_with_intervals() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 16, stride=16), nn.Flatten(), nn.Linear(4 * 14 * 14, 10)).eval()
-    names = photos.NATURAL_IMAGES[:3]
-    row = gauge.imagenet_row("tiny", net, names, (0.0,), 1, torch.device("cpu"), with_audit=False)
-    assert row["images"] == 3 and row[gauge.pgd_column(0.0)] == 1.0
-    assert row[gauge.agreement_column(0.0)].startswith("3/3 (100%, 95% CI [")
-    assert gauge.imagenet_columns((0.0,))[-1] == gauge.agreement_column(0.0)
+    _, pixels = photos.natural_image_set(224, photos.NATURAL_IMAGES[:3])
+    row = gauge.imagenet_row("tiny", _loaded(net), pixels, (0.0, 1.0), 3, with_audit=False)
+    assert row["images"] == 3 and len(row["distances"]) == 3 and row[gauge.IMAGENET_RISK] > 0
+    unflipped = sum(not math.isfinite(v) for v in row["distances"])  # only these can keep their class at eps = 1
+    assert row[gauge.kept_column(1.0)].startswith(f"{unflipped}/3 (") and row["found"].startswith(f"{3 - unflipped}/3")
+    assert gauge.imagenet_columns((0.0,))[-1] == gauge.kept_column(0.0)
+    assert gauge.imagenet_labels((1 / 255,))[gauge.kept_column(1 / 255)] == "can keep class at ε=1/255"
+    assert gauge.imagenet_input_size(net, "inception_v3") == 299 and gauge.imagenet_input_size(net, "alexnet") == 224
+
+
+def _substitute(name: str, sum_nullity: int, median: float, **extra) -> dict:
+    return {
+        "model": name,
+        "nullity_w1": 0,
+        "structural_nullity_w1": 0,
+        "sum_nullity": sum_nullity,
+        "structural_sum_nullity": sum_nullity,
+        "nu_over_n": 0.34,
+        "mu_over_n": 0.34,
+        gauge.IMAGENET_RISK: median,
+        "distances": [median, 2 * median],
+        gauge.kept_column(1 / 255): "0/2",
+        **extra,
+    }
+
+
+def test_substitute_claims_never_decide_on_three_models() -> None:
+    rows = [
+        _substitute("efficientnet_lite0", 7432, 0.05),
+        _substitute("efficientnet_lite1", 9672, 0.04),
+        _substitute("efficientnet_lite2", 10480, 0.03),
+    ]
+    corr = gauge.substitute_correlations(rows)
+    assert corr["sum_nullity"] == pytest.approx(-1) and math.isnan(corr["nullity_w1"])
+    assert gauge.substitutes_support_h(corr) and not gauge.substitutes_support_h({"a": math.nan})
+    assert not gauge.substitutes_support_h({"a": -1.0, "b": 0.5}) and not gauge.substitutes_support_h(None)
+    assert gauge.smallest_permutation_p(3) == pytest.approx(1 / 6)
+    shape, gauge_claim = gauge.substitute_claims(rows, gauge.SUBSTITUTES, 10, trained=True, weights="pretrained")
+    assert shape.status == verdict.BEYOND_HOLDS and shape.id.endswith(".trained_substitute")
+    assert gauge_claim.status == verdict.BELOW_BUDGET and "trained substitute: EfficientNet-Lite0/1/2" in (
+        gauge_claim.description
+    )
+    assert gauge_claim.reason.endswith("= 0.167")
+    # H's direction on enough models is judged by the criterion, not by the budget
+    assert (
+        gauge.substitute_claims(rows, gauge.SUBSTITUTES, 6, trained=True, weights="p")[1].status
+        == (verdict.OUTCOMES["open question"][0])
+    )
+    deficient = [{**rows[0], "sum_nullity": 7433}, *rows[1:]]
+    assert gauge.substitute_claims(deficient, gauge.SUBSTITUTES, 10, trained=True, weights="p")[0].status == (
+        verdict.BEYOND_FAILS
+    )
+    none = gauge.substitute_claims([], gauge.SUBSTITUTES, 10, trained=False, weights="random")
+    assert [c.status for c in none] == [verdict.NOT_CHECKABLE] * 2
+    assert "no ordering" in gauge.substitute_text(rows, 1 / 255)
+    assert gauge.substitute_text([], 1 / 255).startswith("Not measured")
+    pvo = gauge.paper_vs_ours([_sweep_row("mlp", 8, 776)], [], None, None, rows)
+    assert pvo[-1]["ours"].startswith("3 points, too few to decide")
+
+
+def test_substitute_invariants_pass_and_fail() -> None:
+    good = [_substitute("a", 1, 0.05)]
+    assert all(ok for ok, _, _ in gauge.substitute_invariants(good))
+    no_flip = [_substitute("a", 1, math.inf)]
+    assert [ok for ok, _, _ in gauge.substitute_invariants(no_flip)] == [False, True]
+    zero = [{**good[0], "distances": [0.0, 0.1]}]
+    assert [ok for ok, _, _ in gauge.substitute_invariants(zero)] == [True, False]
 
 
 def _corr(rho: float, lo: float, hi: float) -> gauge.Correlation:
@@ -448,26 +525,24 @@ def test_tables_and_texts_of_the_chapter() -> None:
 def test_imagenet_rows_keep_pretrained_models_and_forget_each() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.Flatten(), nn.Linear(4 * 28 * 28, 10)).eval()
-    loaded = {
-        "a": SimpleNamespace(is_pretrained=True, model=net),
-        "b": SimpleNamespace(is_pretrained=False, model=net),
-    }
+    loaded = {"a": _loaded(net), "b": _loaded(net, pretrained=False)}
     forgotten: list[str] = []
     calls: list[str] = []
 
-    def fake_row(name, model, images, eps, steps, device):
+    def fake_row(name, model, pixels, eps, steps):
         calls.append(name)
-        return {"model": name, **{m: 1.0 for m in gauge.PAPER_METRICS}, gauge.pgd_column(eps[0]): 0.5}
+        assert pixels.shape == (1, 3, 32, 32)
+        return {"model": name, **{m: 1.0 for m in gauge.PAPER_METRICS}, gauge.IMAGENET_RISK: 0.5}
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gauge, "imagenet_row", fake_row)
-        got = gauge.imagenet_rows(loaded.__getitem__, ["a", "b"], ["cat"], (0.01,), 2, "cpu", forgotten.append)
+        got = gauge.imagenet_rows(loaded.__getitem__, ["a", "b"], ["cat"], (0.01,), 2, forgotten.append, size=32)
     assert calls == ["a"] and [r["model"] for r in got] == ["a"] and forgotten == ["a", "b"]
     rows = [
-        {"model": m, **{k: float(i) for k in gauge.PAPER_METRICS}, gauge.pgd_column(0.01): -i}
+        {"model": m, **{k: float(i) for k in gauge.PAPER_METRICS}, gauge.IMAGENET_RISK: -i}
         for i, m in enumerate("abcd")
     ]
-    corr = gauge.imagenet_correlations(rows, 0.01, n_boot=50)
+    corr = gauge.imagenet_correlations(rows, n_boot=50)
     assert set(corr) == set(gauge.PAPER_METRICS) and all(c.rho == pytest.approx(-1) for c in corr.values())
 
 
@@ -484,4 +559,7 @@ def test_figures_return_figures() -> None:
     plt.close(fig)
     fig = gauge.plot_confounders(rows, "median_l2")
     assert len(fig.axes) == 3
+    plt.close(fig)
+    fig = gauge.plot_substitutes([_substitute("a", 1, 0.05), _substitute("b", 2, math.inf)], (1 / 255,))
+    assert len(fig.axes) == 1
     plt.close(fig)

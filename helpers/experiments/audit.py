@@ -579,3 +579,112 @@ def naive_with_spectra(
     shapes = {m.name: m.shape for m in weight_matrices(model)}
     ranks = {n: rank_from_singular_values(s, shapes[n], dtype) for n, s in sig.items()}
     return ranks, sig, time.perf_counter() - start
+
+
+# --- grouped and depthwise convolutions: the matrix rule's reading against the layer's own map of a patch ---
+
+
+def group_blocks(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The matrix of each group of a grouped convolution weight ``(out, in/groups, *k)``:
+    ``(groups, out/groups, in/groups * prod(k))``; block ``g`` maps group ``g``'s input channels (of one patch)
+    to its output channels. A depthwise weight ``(C, 1, k, k)`` with ``groups = C`` gives ``C`` blocks ``1 x k*k``."""
+    out = int(weight.shape[0])
+    if groups < 1 or out % groups:
+        raise ValueError(f"groups must divide the {out} output channels, got {groups}")
+    return weight.reshape(groups, out // groups, -1)
+
+
+def block_diagonal_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The layer's own map of one input patch: ``out x (in * prod(k))``, block-diagonal in the groups, columns in
+    the order of a ``(in, *k)`` patch flattened (channel-major), rows = output channels. Dense: for small layers."""
+    return torch.block_diag(*group_blocks(weight.detach(), groups).unbind(0))
+
+
+@dataclass
+class GroupedReading:
+    """One grouped convolution read two ways. ``stacked``: the matrix rule's ``out x (in/groups * prod(k))``, every
+    group's rows stacked over shared columns (what :func:`weight_matrices` audits). ``block``: the layer's map of a
+    whole input patch, ``out x (in * prod(k))``, block-diagonal (its kernel: the patch perturbations the layer
+    cannot see). ``group_nullities``: the nullity of each group's own block (``in/groups * prod(k) - rank``)."""
+
+    name: str
+    stored_shape: tuple[int, ...]
+    groups: int
+    stacked_shape: tuple[int, int]
+    stacked_rank: int
+    block_shape: tuple[int, int]
+    block_rank: int
+    group_nullities: list[int]
+
+    @property
+    def stacked_nullity(self) -> int:
+        return self.stacked_shape[1] - self.stacked_rank
+
+    @property
+    def block_nullity(self) -> int:
+        return self.block_shape[1] - self.block_rank
+
+
+def grouped_reading(
+    name: str, weight: torch.Tensor, groups: int, *, dtype: torch.dtype = torch.float32, rtol: float | None = None
+) -> GroupedReading:
+    """Ranks of a grouped convolution ``weight`` under both readings (:class:`GroupedReading`), by the book's rank
+    rule at precision ``dtype``. The block-diagonal matrix's singular values are the union of its blocks' (one
+    batched ``svdvals`` in float64), so it is never formed."""
+    w = weight.detach().to("cpu", torch.float64)
+    blocks = group_blocks(w, groups)
+    stacked = w.reshape(w.shape[0], -1)
+    stacked_shape = (int(stacked.shape[0]), int(stacked.shape[1]))
+    block_shape = (int(w.shape[0]), groups * int(blocks.shape[2]))
+    sigma = torch.linalg.svdvals(blocks)  # (groups, min(out/groups, cols/group))
+    block_rank = rank_from_singular_values(sigma.flatten(), block_shape, dtype, rtol)
+    g_shape = (int(blocks.shape[1]), int(blocks.shape[2]))
+    tol = (default_rtol(block_shape, dtype) if rtol is None else rtol) * float(sigma.max())
+    group_nullities = [g_shape[1] - int((s > tol).sum()) for s in sigma]
+    return GroupedReading(
+        name,
+        tuple(weight.shape),
+        groups,
+        stacked_shape,
+        rank_from_singular_values(torch.linalg.svdvals(stacked), stacked_shape, dtype, rtol),
+        block_shape,
+        block_rank,
+        group_nullities,
+    )
+
+
+def grouped_readings(
+    model: nn.Module, *, dtype: torch.dtype = torch.float32, rtol: float | None = None
+) -> list[GroupedReading]:
+    """:func:`grouped_reading` of every convolution of ``model`` with ``groups > 1``, in registration order."""
+    return [
+        grouped_reading(f"{name}.weight", m.weight, m.groups, dtype=dtype, rtol=rtol)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.conv._ConvNd)
+        and not isinstance(m, nn.modules.conv._ConvTransposeNd)
+        and m.groups > 1
+    ]
+
+
+def block_null_vector(weight: torch.Tensor, groups: int, generator: torch.Generator) -> torch.Tensor:
+    """A unit-norm patch ``(in, *k)`` (float64) drawn at random from the kernel of :func:`block_diagonal_matrix`:
+    a perturbation of one input patch that the layer's output at that patch cannot see."""
+    m = block_diagonal_matrix(weight.to(torch.float64), groups)
+    _, s, vh = torch.linalg.svd(m)
+    rank = rank_from_singular_values(s, (int(m.shape[0]), int(m.shape[1])), torch.float64)
+    basis = vh[rank:]
+    if basis.shape[0] == 0:
+        raise ValueError("the block-diagonal matrix has full column rank: no null patch")
+    v = torch.randn(basis.shape[0], generator=generator, dtype=torch.float64) @ basis
+    in_channels = int(weight.shape[1]) * groups
+    return (v / v.norm()).reshape(in_channels, *weight.shape[2:])
+
+
+def patch_response_change(weight: torch.Tensor, groups: int, delta: torch.Tensor) -> float:
+    """``||conv(delta)||`` at one output position: the grouped convolution (``torch.nn.functional.conv``, not the
+    matrices) of a single patch ``delta`` ``(in, *k)``, no padding, stride 1, in float64. By linearity this is how
+    much the layer's output at that patch moves when ``delta`` is added to any input patch."""
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+    w = weight.detach().to("cpu", torch.float64)
+    out = conv[w.ndim - 2](delta.to(torch.float64)[None], w, groups=groups)
+    return float(out.norm())

@@ -6,7 +6,7 @@ Inputs are in model space (see :mod:`helpers.data.normalization`); ``mean``/``st
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -19,7 +19,7 @@ from helpers.book import plotting
 from helpers.data import image_validity
 from helpers.data.normalization import pixels_of
 from helpers.experiments import collisions
-from helpers.linalg import conv_operator
+from helpers.linalg import conv_operator, kernels
 from helpers.models.forward import output_tensor, top_k
 from helpers.models.segmentation import mask_iou
 
@@ -197,6 +197,8 @@ class SetCollision:
     saturated pixel pins it). After an 8-bit PNG round trip of the colliding image: ``png_first_layer_rel``
     (against the original), ``png_reference_rel`` (the original's own round trip), ``png_agreement``,
     ``png_same_top5``. ``top_probs``/``top_idx``: (2, N, 5) for original and colliding (classifiers).
+    ``layer_rel``: {probe name: ||g(x + P) - g(x)|| / ||g(x)|| per image} for the modules given to ``collide_set``
+    as ``probes`` (their outputs g, in the model's dtype), then "output" (the logits); empty without probes.
     """
 
     names: list[str]
@@ -212,9 +214,16 @@ class SetCollision:
     png_same_top5: torch.Tensor | None
     top_probs: torch.Tensor | None = None
     top_idx: torch.Tensor | None = None
+    layer_rel: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def spread(self, field: str, *, larger_is_worse: bool = True) -> stats.Spread:
         return stats.Spread.of(getattr(self, field).tolist(), larger_is_worse=larger_is_worse)
+
+    def layer_spread(self, name: str) -> stats.Spread:
+        """The relative change at probe ``name`` (or "output") over the image set; KeyError names the probes."""
+        if name not in self.layer_rel:
+            raise KeyError(f"no probe {name!r}; measured: {', '.join(self.layer_rel) or 'none (no probes given)'}")
+        return stats.Spread.of(self.layer_rel[name].tolist())
 
     def rate(self, field: str) -> stats.Rate:
         """A Rate of a bool field (``same_top5``, ``png_same_top5``) or of ``inside`` (pixels in [0, 1])."""
@@ -261,10 +270,12 @@ def collide_set(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     batch: int = 16,
+    probes: dict[str, nn.Module] | None = None,
 ) -> SetCollision:
     """Add the model-space perturbation ``p`` (C, H, W) to every image of ``pixels`` (N, C, H, W) in [0, 1] and
     measure the collision per image (see :class:`SetCollision`). One forward pass per batch of originals,
-    colliding images and their PNG round trips, on the model's device and dtype."""
+    colliding images and their PNG round trips, on the model's device and dtype; ``probes`` (name: module of
+    ``model``) adds the relative change of each module's output to ``layer_rel`` from the same passes."""
     if not isinstance(layer, nn.Conv2d):
         raise TypeError(f"collide_set needs a Conv2d first layer, got {type(layer).__name__}")
     device = next(model.parameters()).device
@@ -285,6 +296,16 @@ def collide_set(
     rel64 = change64 / f1_64.flatten(1).norm(dim=1)
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda m, i, o: captured.append(o.detach().cpu().double()))
+    probed: dict[str, list[torch.Tensor]] = {name: [] for name in probes or {}}
+
+    def probe(name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            orig, hat, _ = output_tensor(output).detach().double().chunk(3)
+            probed[name].append(((hat - orig).flatten(1).norm(dim=1) / orig.flatten(1).norm(dim=1)).cpu())
+
+        return hook
+
+    handles = [module.register_forward_hook(probe(name)) for name, module in (probes or {}).items()]
     outs: list[torch.Tensor] = []
     try:
         for i in range(0, len(x), batch):
@@ -292,6 +313,8 @@ def collide_set(
             outs.append(output_tensor(model(chunk)).detach().cpu().double())
     finally:
         handle.remove()
+        for h in handles:
+            h.remove()
     parts = [c.chunk(3) for c in captured]
     f1, f1_hat, f1_png = (torch.cat([pt[j] for pt in parts]) for j in range(3))
     out_parts = [o.chunk(3) for o in outs]
@@ -322,6 +345,7 @@ def collide_set(
         (top[2].indices == top[0].indices).all(dim=1) if classifier else None,
         torch.stack([top[0].values, top[1].values]) if classifier else None,
         torch.stack([top[0].indices, top[1].indices]) if classifier else None,
+        {**{name: torch.cat(v) for name, v in probed.items()}, "output": rel(y_hat, y)} if probes else {},
     )
 
 
@@ -407,19 +431,100 @@ def periodic_conclusion(rank: int, dim: int) -> str:
 
 
 def operator_conclusion(evidence: conv_operator.InjectivityEvidence, sigma_max: float, rtol: float) -> str:
-    """The sentence the prose shows about the zero-padded operator, chosen by the computed sigma_min values
-    against the rank rule's tolerance ``rtol`` (relative to ``sigma_max``)."""
-    smallest = min(min(evidence.exact.values()), evidence.iterative) / sigma_max
-    largest = max(evidence.exact)
-    gap = abs(evidence.iterative - evidence.exact[largest]) / evidence.exact[largest]
+    """The sentence the prose shows about the zero-padded operator, chosen by the computed sigma_min values (exact
+    on small images, Lanczos, and the directly measured corner gain, an upper bound) against the rank rule's
+    tolerance ``rtol`` (relative to ``sigma_max``)."""
+    smallest = min(*evidence.exact.values(), evidence.iterative, evidence.corner) / sigma_max
     if smallest <= rtol:
         return (
             f"sigma_min reaches the rank rule's tolerance ({smallest:.2g} of sigma_max <= {rtol:.2g}): the "
             "convolution has a numerically null image direction, and a collision through it is exact."
         )
+    if not evidence.exact:
+        return (
+            f"Every computed sigma_min is above the rank rule's tolerance ({smallest:.2g} of sigma_max > {rtol:.2g}); "
+            "at the full size this rests on the Lanczos estimate (from above), not on a proof."
+        )
+    largest = max(evidence.exact)
+    gap = abs(evidence.iterative - evidence.exact[largest]) / evidence.exact[largest]
     return (
         f"Every computed sigma_min is far above the rank rule's tolerance ({smallest:.2g} of sigma_max > "
         f"{rtol:.2g}): no image perturbation is invisible to this layer at these sizes. At the full size this rests "
         f"on the Lanczos estimate, which differs from the exact value at {largest} pixels by {gap:.1e} relative "
         "(the least visible direction is a corner mode, whose gain does not grow with the image), not on a proof."
     )
+
+
+def layer_rows(cases: dict[str, SetCollision]) -> list[dict[str, Any]]:
+    """Rows for ``page.table``: one per probe (``collide_set``'s ``probes``, then "output"), one column per case
+    with the relative change of that module's output over the image set (mean, 95% interval, worst)."""
+    names = list(dict.fromkeys(n for c in cases.values() for n in c.layer_rel))
+    return [
+        {"layer": n, **{case: c.layer_spread(n).text() if n in c.layer_rel else "" for case, c in cases.items()}}
+        for n in names
+    ]
+
+
+def singular_value_rows(basis: kernels.KernelBasis, k: int = 6) -> list[dict[str, Any]]:
+    """Rows for ``page.table``: the ``k`` smallest singular values of W1 (``basis.singular_values``) relative to
+    sigma_max, beside the rank rule's threshold ``tol / sigma_max``, and whether the rule counts each as zero."""
+    s = basis.singular_values
+    smax = float(s.max())
+    n = s.numel()
+    return [
+        {
+            "index": i + 1,
+            "sigma_i / sigma_max": float(s[i]) / smax,
+            "rank rule threshold": basis.tol / smax,
+            "counted as null": bool(float(s[i]) <= basis.tol),
+        }
+        for i in range(max(0, n - k), n)
+    ]
+
+
+def spectrum_comparison_rows(
+    trained: conv_operator.SpectrumSummary, random: Sequence[conv_operator.SpectrumSummary]
+) -> list[dict[str, Any]]:
+    """Rows for ``page.table``: sigma_min/sigma_max of the circular (DFT) and zero-padded (Lanczos) operators, for
+    the trained layer and each random initialisation (seed = its position)."""
+    rows = [("trained", trained)] + [(f"random, seed {i}", r) for i, r in enumerate(random)]
+    return [
+        {
+            "weights": label,
+            "image": "x".join(str(d) for d in r.input_shape),
+            "circular sigma_min/sigma_max": r.circular,
+            "zero-padded sigma_min/sigma_max (Lanczos)": r.zero_padded,
+            "Lanczos residual": r.residual,
+        }
+        for label, r in rows
+    ]
+
+
+def equal_taps_text(pairs: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], nullity: int) -> str:
+    """The sentence the prose shows about where a trained W1's kernel comes from: the pairs of kernel taps
+    (channel, row, col) with equal weights in every filter (``conv_operator.equal_taps``), beside the nullity."""
+    if nullity == 0:
+        return "W1 has a trivial kernel by the rank rule; the search below uses its least visible directions."
+    listed = ", ".join(f"{a} = {b}" for a, b in pairs) or "none"
+    if len(pairs) == nullity:
+        return (
+            f"The kernel comes from the weights themselves: {len(pairs)} pairs of taps (channel, row, column) carry "
+            f"the same weights in every filter ({listed}), so each difference e_a - e_b of two such taps is a kernel "
+            "vector, and these differences account for the whole kernel."
+        )
+    return (
+        f"Pairs of taps (channel, row, column) with the same weights in every filter: {listed}; they account for "
+        f"{len(pairs)} of the {nullity} kernel dimensions."
+    )
+
+
+def collision_conclusion(case: str, c: SetCollision, rtol: float) -> str:
+    """The sentence the prose shows about one colliding set: exact (worst float64 first-layer change at most the
+    rank rule's ``rtol``) or not, and whether the top-5 survived on every image."""
+    worst = c.spread("first_layer_rel64").worst
+    exact = worst <= rtol
+    top = c.rate("same_top5") if c.same_top5 is not None else None
+    kept = "" if top is None else (" and the top-5 is kept on every photo" if top.k == top.n else
+                                   f" and the top-5 is kept on only {top.k} of {top.n} photos")  # fmt: skip
+    verdict_text = "is invisible to the first layer at round-off" if exact else "is visible to the first layer"
+    return f"The {case} {verdict_text} (worst change {worst:.2g} against the tolerance {rtol:.2g}){kept}."

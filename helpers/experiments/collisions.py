@@ -1175,3 +1175,48 @@ def tiled_leak(model: nn.Module, x: torch.Tensor, beta: float) -> Any:
     f1, _ = _first_layer_and_output(model, x)
     f1_t, _ = _first_layer_and_output(model, x_tiled)
     return stats.Spread.of(_per_image_rel(f1_t, f1), larger_is_worse=False)
+
+
+# --- Trained substitutes: an ImageNet-trained first layer beside the paper's models ------------------------------
+
+
+def random_first_layers(name: str, seeds: Sequence[int]) -> list[nn.Module]:
+    """The first layer of registry model ``name`` at random initialisation (its library's own init), one per seed;
+    the global random state is restored afterwards (``torch.random.fork_rng``)."""
+    from helpers.models import registry
+
+    layers = []
+    for seed in seeds:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            layers.append(first_layer(registry.load(name, "random").model)[1])
+    return layers
+
+
+def sec6_substitute_claims(
+    rows: Sequence[dict[str, Any]],
+    curves: dict[tuple[str, str], list[float]],
+    *,
+    bound32: float,
+    bound64: float,
+    paper_claim: str,
+    model: str,
+    label: str,
+) -> list[dict[str, Any]]:
+    """Sec. 6's two claims (``sec6_claims``) judged on a trained substitute's first layer alone, as keyword arguments
+    of ``Chapter.claim``: ids end in ``.trained_substitute``, descriptions say "trained substitute: <label>", the
+    criteria need trained weights and rest on ``model`` (the registry name the chapter loaded)."""
+    claims = sec6_claims(
+        rows, curves, bound32=bound32, bound64=bound64, paper_claim=paper_claim, weights="", trained=True
+    )
+    out = []
+    for c in claims:
+        kept = {k: v for k, v in c.items() if k not in ("trained", "weights")}
+        kept.update(
+            id=f"{c['id']}.trained_substitute",
+            description=f"{c['description']} (trained substitute: {label})",
+            criterion=c["criterion"].trained(),
+            models=(model,),
+        )
+        out.append(kept)
+    return out

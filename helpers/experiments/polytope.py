@@ -134,6 +134,54 @@ def split_vgg_fc6(model: nn.Module, normalize: Callable[[Tensor], Tensor], size:
     return ReluSplit(pre, head, (3, size, size), fc6.out_features, model, f"VGG fc6 (N={fc6.out_features})")
 
 
+def split_efficientnet_head(model: nn.Module, normalize: Callable[[Tensor], Tensor], size: int = 224) -> ReluSplit:
+    """Cut a timm EfficientNet(-Lite) at its last ReLU-type layer: the head's 1x1 conv + BatchNorm (``conv_head``,
+    ``bn2``) before its activation, N = ``num_features`` x (size/32)^2 units (1280 x 7 x 7 at 224 px).
+
+    Inputs are pixels in [0, 1], (B, 3, size, size); ``normalize`` maps them to the network's input. ``pre`` runs
+    the stem, the blocks, ``conv_head`` and ``bn2``'s normalisation (not its activation), flattened to (B, N);
+    ``head`` takes y = relu(ỹ), applies the rest of ``bn2``'s activation (ReLU6 = min(relu, 6)), the global pool
+    and the classifier (timm's ``forward_head``; its dropout is off in eval mode). This is the layer
+    Proposition 1 applies to: the pooled 1280-d features are averages of
+    the activations, not a ReLU of an affine map. With ReLU6 the polytope of ``li_losses`` (active units equal,
+    inactive ones <= 0) is a subset of the true collision set (equal pre-activations give equal ReLU6 outputs),
+    so its points collide exactly like a ReLU layer's.
+    """
+    needed = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool", "classifier")
+    missing = [a for a in needed if not hasattr(model, a)]
+    if missing:
+        raise ValueError(f"split_efficientnet_head needs a timm EfficientNet; {type(model).__name__} has no {missing}")
+    if model.training:
+        raise ValueError("put the model in eval mode first (model.eval()): BatchNorm must use its running statistics")
+    bn2 = model.get_submodule("bn2")
+    act = getattr(bn2, "act", None)
+    if not isinstance(act, (nn.ReLU, nn.ReLU6)) or not isinstance(bn2, nn.BatchNorm2d):
+        raise ValueError(
+            f"the head's activation must be a ReLU or ReLU6 after a BatchNorm (EfficientNet-Lite), got "
+            f"{type(bn2).__name__} with {type(act).__name__}"
+        )
+    stem, bn1, blocks, conv_head = (model.get_submodule(n) for n in ("conv_stem", "bn1", "blocks", "conv_head"))
+    cap = 6.0 if isinstance(act, nn.ReLU6) else math.inf
+    pool, classifier = model.get_submodule("global_pool"), model.get_submodule("classifier")
+
+    def features(u: Tensor) -> Tensor:
+        x = conv_head(blocks(bn1(stem(normalize(u)))))
+        return nn.functional.batch_norm(x, bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias, False, 0.0, bn2.eps)
+
+    with torch.no_grad():
+        feature_shape = tuple(features(torch.zeros(1, 3, size, size, device=device_of(model))).shape[1:])
+    n_units = int(np.prod(feature_shape))
+
+    def pre(u: Tensor) -> Tensor:
+        return features(u).flatten(1)
+
+    def head(y: Tensor) -> Tensor:
+        return classifier(pool(y.clamp(max=cap).view(len(y), *feature_shape)))  # timm's head (dropout: eval)
+
+    name = f"{type(model).__name__} head conv + BN before {type(act).__name__} (N={n_units})"
+    return ReluSplit(pre, head, (3, size, size), n_units, model, name)
+
+
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     """Parameters without gradients inside the block (the search only needs d loss / d input: ~1/3 less work)."""

@@ -641,3 +641,141 @@ def overdetermined_text(row: dict[str, Any]) -> str:
         )
     rest = row["d"] - row["active_max"]
     return f"fewer than the {row['d']} input dimensions, so a polytope of at least {rest} dimensions remains"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chapter 09's trained substitute (EfficientNet-Lite0 next to VGG-16): its own claims, stated before measuring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubstituteCriteria:
+    """The pass rules of chapter 09's trained-substitute claims, fixed before the run.
+
+    act_tol: largest relative l2 mismatch of the cut layer's activations that counts as a collision (the VGG
+    claims' 1%); confidence_tol: largest |samples' mean probability of the target's class - the target's own| per
+    polytope (the paper's Table 4: 0.993 vs 0.995, within 0.05); the distance ratio is judged against the paper's
+    ImageNet band (``theirs["imagenet"]["vertex_to_image_distance_ratio_pct"]``).
+    """
+
+    act_tol: float = 0.01
+    confidence_tol: float = 0.05
+
+
+def substitute_claims(
+    theirs: dict[str, Any],
+    pixel_rows: Sequence[dict[str, Any]],
+    patch_rows: Sequence[dict[str, Any]],
+    model: str,
+    layer: str,
+    steps: tuple[int, int],
+    criteria: SubstituteCriteria = SubstituteCriteria(),
+) -> list[dict[str, Any]]:
+    """Chapter 09's claims about the trained substitute, as keyword arguments of ``Chapter.claim``.
+
+    theirs: ``helpers.data.paper.get("li")``; pixel_rows / patch_rows: ``polytope.table_row`` dicts of the
+    substitute's pixel polytopes (one per target photo, searched from the next photo as in Table 3) and of its
+    patch-composed polytopes (Table 6's two rows); model: the registry name of the substitute (its claims rest on
+    it alone, so the class and probability claims are judged when it is trained); layer: where it is cut (for the
+    text); steps: optimiser steps (pixels, patches). Every claim is compared with the paper's 2000 samples per
+    polytope (``samples_budget``): under half of it, the status is "below the paper's budget".
+    """
+    if not pixel_rows or not patch_rows:
+        raise ValueError("need the substitute's pixel and patch polytopes (one table row each at least)")
+    rlo, rhi = theirs["imagenet"]["vertex_to_image_distance_ratio_pct"]
+    t4 = theirs["table4"]["rows"]["1"]
+    n_paper = theirs["method"]["n_samples"]
+    budget = samples_budget(min(int(r["n_samples"]) for r in [*pixel_rows, *patch_rows]), theirs)
+    what = f"trained substitute: {model}, cut at {layer}"
+    note = f"{steps[0]} / {steps[1]} optimiser steps (pixels / patches; the paper's are in its appendix)"
+    both = [*pixel_rows, *patch_rows]
+    common = {"models": (model,), "budget": budget}
+    return [
+        {
+            "id": "li.vgg16.same_class.trained_substitute",
+            "description": f"{what}: samples of {len(pixel_rows)} pixel polytopes classified as the target's class",
+            "criterion": verdict.every("a sample keeps the target's class").trained(),
+            "paper": f"{t4['success_pct']}% of {n_paper} (VGG-16 fc6)",
+            "ours": f"{sample_rate(pixel_rows).text()}; polytopes with all samples kept: "
+            f"{polytope_rate(pixel_rows).text()}",
+            "measured": sample_rate(pixel_rows),
+            "reason": note,
+            **common,
+        },
+        {
+            "id": "li.vgg16.confidence.trained_substitute",
+            "description": f"{what}: |samples' mean probability of the target's class - the target's own|, per "
+            "pixel polytope",
+            "criterion": verdict.at_most(
+                criteria.confidence_tol, "|samples' mean probability - target's|, worst polytope"
+            ).trained(),
+            "paper": f"target {t4['target_prob']}, samples {t4['sample_prob']} (Table 4)",
+            "ours": confidence_gaps(pixel_rows),
+            "reason": note,
+            **common,
+        },
+        {
+            "id": "li.vgg16.distance_ratio.trained_substitute",
+            "description": f"{what}: vertex distance / image distance (%), mean over pixel polytopes",
+            "criterion": verdict.between(rlo, rhi, "mean vertex / image distance (%)").trained(),
+            "paper": f"{rlo}-{rhi} (VGG-16)",
+            "ours": spread(pixel_rows, "ratio_pct", unit="%"),
+            "reason": f"image distance from the offline photos, not ImageNet; {note}",
+            **common,
+        },
+        {
+            "id": "li.vgg16.fc6_collision.trained_substitute",
+            "description": f"{what}: samples' activations at the cut match the target's (rel. l2), worst of the "
+            "pixel and patch polytopes",
+            "criterion": verdict.at_most(criteria.act_tol, "activation mismatch of the samples, worst polytope"),
+            "paper": "'all examples within the polytopes collide with the target image' (Table 3)",
+            "ours": spread(both, "sample_act_rel_max"),
+            "reason": note,
+            **common,
+        },
+        {
+            "id": "li.patches.same_class.trained_substitute",
+            "description": f"{what}: samples of the {len(patch_rows)} patch-composed polytopes (Table 6) classified "
+            "as the target's class",
+            "criterion": verdict.every("a sample keeps the target's class").trained(),
+            "paper": f"{min(theirs['table6']['rows'][k]['success_pct'] for k in ('1', '2'))}% of {n_paper}",
+            "ours": sample_rate(patch_rows).text(),
+            "measured": sample_rate(patch_rows),
+            "reason": note,
+            **common,
+        },
+        {
+            "id": "li.vgg16.png_round_trip.trained_substitute",
+            "description": f"{what}: vertices and kept samples saved as 8-bit PNGs and read back keep the target's "
+            "class",
+            "criterion": verdict.every(
+                "an image keeps the target's class after the PNG round trip", kind="beyond"
+            ).trained(),
+            "paper": "—",
+            "ours": f"{png_rate(both).text()}; worst mismatch at the cut after the round trip "
+            f"{max(r['png_act_rel_max'] for r in both):.2g}",
+            "measured": png_rate(both),
+            **common,
+        },
+    ]
+
+
+def substitute_text(rows: Sequence[dict[str, Any]], criteria: SubstituteCriteria = SubstituteCriteria()) -> str:
+    """What the substitute's pixel polytopes (``table_row`` dicts) show, in words chosen by the numbers: whether
+    every sample kept the target's class and whether the samples collide at the cut (``criteria.act_tol``)."""
+    if not rows:
+        raise ValueError("no rows to describe")
+    kept = sample_rate(rows)
+    worst = max(r["sample_act_rel_max"] for r in rows)
+    classes = (
+        "every sample keeps its target's class"
+        if kept.k == kept.n
+        else f"only {kept.k} of {kept.n} samples keep their target's class"
+    )
+    collide = (
+        "and every sample collides with its target at the cut"
+        if worst <= criteria.act_tol
+        else f"and the samples do not collide at the cut yet (worst mismatch {worst:.2g} against our "
+        f"{criteria.act_tol:g}): the search has not reached the polytope within this budget"
+    )
+    return f"{classes}, {collide}"

@@ -25,14 +25,18 @@ from helpers import stats
 from helpers.book import results, verdict
 from helpers.experiments.audit import (
     ConvTransposeRule,
+    GroupedReading,
     ModelAudit,
     WeightMatrix,
     audit_model,
+    block_null_vector,
     build_on_meta,
     first_executed,
     independent_rank_check,
     naive_with_spectra,
+    patch_response_change,
     sample_matrices,
+    spectra,
     structural_audit,
     sweep,
     weight_matrices,
@@ -939,3 +943,406 @@ def classifier_models(paper_rows: Mapping[str, dict[str, Any]]) -> list[str]:
         for r, v in paper_rows.items()
         if v["task"] == "classification" and r in registry.TABLE1_ROWS
     ]
+
+
+# --- trained substitutes: EfficientNet-Lite0/1/2 trained against the same architectures at random initialisation ---
+
+#: The ImageNet-trained models every build has (registry packages): trained substitutes for Table 1's models.
+SUBSTITUTES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+#: The two weight sets compared, trained first, and the two precisions of the rank rule.
+WEIGHT_SETS: tuple[str, ...] = ("trained", "random")
+PRECISIONS: tuple[str, ...] = ("float32", "float64")
+
+
+@dataclass
+class SubstituteAudit:
+    """One architecture audited with its trained weights and at random initialisation.
+
+    ``audits``: (weight set, precision) -> :class:`ModelAudit` (weight set in :data:`WEIGHT_SETS`, precision in
+    :data:`PRECISIONS`); ``spectra``: weight set -> matrix name -> singular values (descending, float64);
+    ``w1``: weight set -> W1 (a copy); ``pretrained``: whether the trained weights were really had."""
+
+    name: str
+    audits: dict[tuple[str, str], ModelAudit]
+    spectra: dict[str, dict[str, torch.Tensor]]
+    w1: dict[str, WeightMatrix]
+    pretrained: bool
+
+    def nullity_gain(self, precision: str) -> dict[str, int]:
+        """Matrix name -> nullity(trained) - nullity(random) at ``precision``, for every matrix (same order)."""
+        trained, rand = self.audits["trained", precision], self.audits["random", precision]
+        return {t.name: t.nullity - r.nullity for t, r in zip(trained.rows, rand.rows)}
+
+
+def audit_substitutes(
+    load: Callable[[str], LoadedModel],
+    load_random: Callable[[str], LoadedModel],
+    names: Sequence[str] = SUBSTITUTES,
+    device: torch.device | str | None = None,
+) -> dict[str, SubstituteAudit]:
+    """Audit each of ``names`` with trained weights (``load``: the chapter's loader) and at random initialisation
+    (``load_random``), at float32 and float64 precision (cached audits), and keep every matrix's singular values
+    (for the tolerance sweep and the conditioning). The models are not kept."""
+    out = {}
+    for name in names:
+        models = {"trained": load(name), "random": load_random(name)}
+        audits = {
+            (w, p): audit_model(models[w].model, dtype=getattr(torch, p), device=device)
+            for w in WEIGHT_SETS
+            for p in PRECISIONS
+        }
+        for (w, _), a in audits.items():
+            a.model, a.weights = name, models[w].weights
+        w1 = {w: weight_matrices(models[w].model)[0] for w in WEIGHT_SETS}
+        for m in w1.values():
+            m.matrix = m.matrix.clone()
+        sig = {w: spectra(models[w].model, device=device) for w in WEIGHT_SETS}
+        out[name] = SubstituteAudit(name, audits, sig, w1, models["trained"].is_pretrained)
+    return out
+
+
+def _conditioning(sigmas: Mapping[str, torch.Tensor]) -> float:
+    """Median over the matrices of sigma_min / sigma_max."""
+    return float(np.median([float(s[-1] / s[0]) for s in sigmas.values()]))
+
+
+def substitute_table(subs: Mapping[str, SubstituteAudit]) -> list[dict[str, Any]]:
+    """One record per (model, weight set, precision): n, nu, mu, nu - mu, sum of nullities, its excess over the
+    shapes' value, nullity(W1), and the median sigma_min/sigma_max of the matrices."""
+    return [
+        {
+            "model": s.name,
+            "weights": w if w == "random" or s.pretrained else "trained (unavailable: random)",
+            "precision": p,
+            "n": a.n,
+            "ν": a.nu,
+            "μ": a.mu,
+            "ν − μ": a.nu - a.mu,
+            "Σ nullity": a.sum_nullity,
+            "Σ − shapes'": a.sum_nullity - a.structural_sum_nullity,
+            "nullity(W1)": a.nullity_w1,
+            "median σmin/σmax": round(_conditioning(s.spectra[w]), 3),
+        }
+        for s in subs.values()
+        for w in WEIGHT_SETS
+        for p in PRECISIONS
+        for a in (s.audits[w, p],)
+    ]
+
+
+def rank_loss_table(subs: Mapping[str, SubstituteAudit]) -> list[dict[str, Any]]:
+    """The matrices whose nullity differs between trained and random weights, at each precision: model, precision,
+    matrix, shape, both nullities, the gain, and sigma_min/sigma_max under both weight sets."""
+    out = []
+    for s in subs.values():
+        for p in PRECISIONS:
+            trained = {r.name: r for r in s.audits["trained", p].rows}
+            rand = {r.name: r for r in s.audits["random", p].rows}
+            for name, gain in s.nullity_gain(p).items():
+                if gain:
+                    st, sr = s.spectra["trained"][name], s.spectra["random"][name]
+                    out.append(
+                        {
+                            "model": s.name,
+                            "precision": p,
+                            "matrix": name,
+                            "shape": f"{trained[name].rows}x{trained[name].cols}",
+                            "nullity random": rand[name].nullity,
+                            "nullity trained": trained[name].nullity,
+                            "gain": gain,
+                            "σmin/σmax trained": f"{float(st[-1] / st[0]):.1e}",
+                            "σmin/σmax random": f"{float(sr[-1] / sr[0]):.1e}",
+                        }
+                    )
+    return out
+
+
+def twin_columns(w: WeightMatrix, rel: float = 4.0) -> list[dict[str, Any]]:
+    """Pairs of columns of a convolution's matrix that are equal to within ``rel`` float32 ulps of the largest
+    weight: one record per pair, each column named by its stored index ``(in channel, row, col)``, with the largest
+    difference relative to the largest weight. Each pair is a null direction of the matrix: +d at one input pixel,
+    -d at the other."""
+    m = w.matrix.detach().to("cpu", torch.float64)
+    scale = float(m.abs().max())
+    tol = rel * float(torch.finfo(torch.float32).eps) * scale
+    spatial = w.stored_shape[1:]
+    out = []
+    for i in range(m.shape[1]):
+        for j in range(i + 1, m.shape[1]):
+            diff = float((m[:, i] - m[:, j]).abs().max())
+            if diff <= tol:
+                out.append(
+                    {
+                        "column a": tuple(int(x) for x in np.unravel_index(i, spatial)),
+                        "column b": tuple(int(x) for x in np.unravel_index(j, spatial)),
+                        "max |a − b| / max |W|": f"{diff / scale:.1e}",
+                    }
+                )
+    return out
+
+
+def substitute_sweeps(
+    subs: Mapping[str, SubstituteAudit], rtols: Sequence[float] | np.ndarray = SWEEP_RTOLS
+) -> dict[str, dict[str, list[int]]]:
+    """``"<model> <weight set>"`` -> nu and sum of nullities at each tolerance (:func:`sweep`), for
+    :func:`plot_tolerance_sweep`."""
+    out = {}
+    for s in subs.values():
+        shapes = {r.name: (r.rows, r.cols) for r in s.audits["trained", "float64"].rows}
+        for w in WEIGHT_SETS:
+            out[f"{s.name.removeprefix('efficientnet_')} {w}"] = sweep(s.spectra[w], shapes, list(rtols))
+    return out
+
+
+def first_departure(values: Sequence[int], rtols: Sequence[float] | np.ndarray) -> float:
+    """The smallest tolerance at which ``values`` (one per ``rtols``, nondecreasing) leave their first value;
+    ``nan`` if they never do."""
+    for v, r in zip(values, rtols):
+        if v != values[0]:
+            return float(r)
+    return math.nan
+
+
+def substitute_numbers(subs: Mapping[str, SubstituteAudit], paper_rows: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """The measured values the trained-substitute claims judge and the prose quotes (glue name -> value): the
+    smallest gain over the models of the float32 sum of nullities, of nu - mu and of the number of matrices
+    other than W1 whose nullity grows (the largest); the float64 sum's largest gain; the gain in W1; Table 1's rows
+    with nu > mu and with nu - mu >= 2 (some matrix besides W1 lost rank)."""
+
+    def gains(p: str) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {"sum": [], "nu_mu": [], "past_w1": [], "w1": []}
+        for s in subs.values():
+            g = list(s.nullity_gain(p).values())
+            t, r = s.audits["trained", p], s.audits["random", p]
+            out["sum"].append(sum(g))
+            out["nu_mu"].append((t.nu - t.mu) - (r.nu - r.mu))
+            out["past_w1"].append(sum(x > 0 for x in g[1:]))
+            out["w1"].append(g[0])
+        return out
+
+    g32, g64 = gains("float32"), gains("float64")
+    return {
+        "sub_models": len(subs),
+        "sub_sum_gain32": min(g32["sum"]),
+        "sub_sum_gain32_max": max(g32["sum"]),
+        "sub_nu_mu32": min(g32["nu_mu"]),
+        "sub_past_w1_32": max(g32["past_w1"]),
+        "sub_w1_gain32": max(g32["w1"]),
+        "sub_w1_gain32_min": min(g32["w1"]),
+        "sub_sum_gain64": max(g64["sum"]),
+        "paper_nu_gt_mu": sum(r["nu"] > r["mu"] for r in paper_rows.values()),
+        "paper_rows": len(paper_rows),
+        "paper_past_w1": sum(r["nu"] - r["mu"] >= 2 for r in paper_rows.values()),
+        "paper_max_nu_mu": max(int(r["nu"]) - int(r["mu"]) for r in paper_rows.values()),
+    }
+
+
+def substitute_claims(subs: Mapping[str, SubstituteAudit], numbers: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The trained-substitute claims (keyword arguments of ``Chapter.claim``), all our own additions ("beyond"),
+    judged only with trained weights, each measured as the worst case over the EfficientNet-Lite models:
+    training adds nullity (float32 sum of nullities above random initialisation's), it makes nu exceed mu (what
+    Table 1 shows in most rows), and it adds nullity past W1 (the book's explanation of the paper's excess)."""
+    models = tuple(subs)
+    label = "/".join(n.removeprefix("efficientnet_lite") for n in models)
+    who = f"trained substitutes: EfficientNet-Lite{label}"
+    per_model = {
+        s.name.removeprefix("efficientnet_"): {p: sum(s.nullity_gain(p).values()) for p in PRECISIONS}
+        for s in subs.values()
+    }
+    gains = "; ".join(f"{n}: +{g['float32']} (float64: +{g['float64']})" for n, g in per_model.items())
+    return [
+        {
+            "id": "01.training_adds_nullity.trained_substitute",
+            "description": f"{who}: training adds nullity (trained vs random initialisation, same architecture)",
+            "criterion": verdict.at_least(
+                1, "Σ nullity(trained) − Σ nullity(random), float32, worst model", kind="beyond"
+            ).trained(),
+            "paper": "explains Table 1's Σ nullity above the shapes' (not claimed)",
+            "ours": numbers["sub_sum_gain32"],
+            "models": models,
+            "reason": f"gain per model: {gains}",
+        },
+        {
+            "id": "01.training_makes_nu_exceed_mu.trained_substitute",
+            "description": f"{who}: training makes ν exceed μ (a matrix that is not wide loses rank)",
+            "criterion": verdict.at_least(
+                1, "(ν − μ)(trained) − (ν − μ)(random), float32, worst model", kind="beyond"
+            ).trained(),
+            "paper": f"ν > μ in {numbers['paper_nu_gt_mu']} of {numbers['paper_rows']} Table 1 rows",
+            "ours": numbers["sub_nu_mu32"],
+            "models": models,
+        },
+        {
+            "id": "01.training_nullity_past_w1.trained_substitute",
+            "description": f"{who}: training adds nullity to matrices other than W1",
+            "criterion": verdict.at_least(
+                1, "matrices other than W1 whose float32 nullity grows in training, best model", kind="beyond"
+            ).trained(),
+            "paper": f"ν − μ ≥ 2 (a matrix besides W1 lost rank) in {numbers['paper_past_w1']} of "
+            f"{numbers['paper_rows']} Table 1 rows",
+            "ours": numbers["sub_past_w1_32"],
+            "models": models,
+        },
+    ]
+
+
+def depthwise_table(reading: GroupedReading) -> list[dict[str, Any]]:
+    """One grouped (e.g. depthwise) convolution read three ways: the matrix rule's stacked matrix (what the audit
+    counts), the layer's block-diagonal map of a whole input patch, and one group's own block."""
+    g_rows, g_cols = reading.block_shape[0] // reading.groups, reading.block_shape[1] // reading.groups
+    nulls = sorted(set(reading.group_nullities))
+    return [
+        {
+            "reading": "matrix rule: groups stacked over shared columns (audited)",
+            "matrix": f"{reading.stacked_shape[0]}x{reading.stacked_shape[1]}",
+            "rank": reading.stacked_rank,
+            "nullity": reading.stacked_nullity,
+        },
+        {
+            "reading": "the layer on one input patch: block-diagonal, one block per group",
+            "matrix": f"{reading.block_shape[0]}x{reading.block_shape[1]}",
+            "rank": reading.block_rank,
+            "nullity": reading.block_nullity,
+        },
+        {
+            "reading": f"one group's block (each of the {reading.groups})",
+            "matrix": f"{g_rows}x{g_cols}",
+            "rank": "/".join(str(g_cols - n) for n in nulls),
+            "nullity": "/".join(map(str, nulls)),
+        },
+    ]
+
+
+def grouped_totals(audit: ModelAudit, readings: Sequence[GroupedReading]) -> dict[str, dict[str, int]]:
+    """nu, mu and the sum of nullities of ``audit`` as audited (grouped convolutions stacked) and with every
+    grouped convolution of ``readings`` replaced by its block-diagonal patch map (same precision)."""
+    by_name = {r.name: r for r in readings}
+    block_rows = [
+        (by_name[r.name].block_shape, by_name[r.name].block_nullity)
+        if r.name in by_name
+        else ((r.rows, r.cols), r.nullity)
+        for r in audit.rows
+    ]
+    return {
+        "stacked": {"nu": audit.nu, "mu": audit.mu, "sum": audit.sum_nullity},
+        "block-diagonal": {
+            "nu": sum(n >= 1 for _, n in block_rows),
+            "mu": sum(s[0] < s[1] for s, _ in block_rows),
+            "sum": sum(n for _, n in block_rows),
+        },
+    }
+
+
+def depthwise_null_test(weight: torch.Tensor, groups: int, seed: int = 0) -> dict[str, float]:
+    """A patch drawn from the kernel of the layer's block-diagonal matrix and a random patch of the same norm, both
+    pushed through the convolution itself (``torch.nn.functional``, not the matrix): how much each moves the
+    output at that patch (``null``, ``random``) and their ratio."""
+    gen = torch.Generator().manual_seed(seed)
+    null = block_null_vector(weight, groups, gen)
+    rand = torch.randn(null.shape, generator=gen, dtype=torch.float64)
+    moved = {
+        "null": patch_response_change(weight, groups, null),
+        "random": patch_response_change(weight, groups, rand / rand.norm()),
+    }
+    return {**moved, "ratio": moved["null"] / moved["random"]}
+
+
+#: The largest ``null / random`` output change :func:`depthwise_null_check` accepts (float64 arithmetic).
+DEPTHWISE_NULL_RATIO = 1e-9
+
+
+def depthwise_null_check(test: Mapping[str, float]) -> tuple[bool, str, Any]:
+    """Must hold: a patch from the block-diagonal kernel moves the convolution's output at that patch by at most
+    :data:`DEPTHWISE_NULL_RATIO` of what a random patch of the same norm moves it (``test`` from
+    :func:`depthwise_null_test`); fails if the block-diagonal matrix's columns do not follow the patch's layout."""
+    return (
+        test["random"] > 0 and test["ratio"] <= DEPTHWISE_NULL_RATIO,
+        f"depthwise layer: a block-diagonal null patch is invisible to the convolution "
+        f"(ratio ≤ {DEPTHWISE_NULL_RATIO:g})",
+        f"null {test['null']:.2e} vs random {test['random']:.2e} (ratio {test['ratio']:.1e})",
+    )
+
+
+def substitute_models(quick: bool) -> list[str]:
+    """The trained substitutes a build audits: EfficientNet-Lite0 (quick) or all three."""
+    return list(SUBSTITUTES[:1]) if quick else list(SUBSTITUTES)
+
+
+def random_loader(device: torch.device | str = "cpu") -> Callable[[str], LoadedModel]:
+    """A loader of registry models at random initialisation on ``device`` (the chapter's loader keeps one model
+    per name, so the random twin of a trained model is loaded outside it)."""
+    from helpers.models import registry
+
+    return lambda name: registry.load(name, "random", device)
+
+
+def substitute_prose(
+    subs: Mapping[str, SubstituteAudit], numbers: Mapping[str, Any], rtols: Sequence[float] | np.ndarray = SWEEP_RTOLS
+) -> dict[str, Any]:
+    """The further numbers and the computed conclusions the prose about the substitutes quotes (glue name ->
+    value): median sigma_min/sigma_max trained and random (median over models), the tolerances at which the sum
+    of nullities first leaves the shapes' value (trained: largest over models; random: smallest), the twin column
+    pairs of each trained W1 (count, and whether every model has the same pairs), and where the added nullity
+    lies (text)."""
+    sweeps = substitute_sweeps(subs, rtols)
+    depart = {k: first_departure(v["sum_nullity"], rtols) for k, v in sweeps.items()}
+    twins = {s.name: [(t["column a"], t["column b"]) for t in twin_columns(s.w1["trained"])] for s in subs.values()}
+    past = int(numbers["sub_past_w1_32"])
+    where = "all of it in W1, the stem convolution" if past == 0 else f"in W1 and {past} other matrices"
+    return {
+        "sub_cond_trained": float(np.median([_conditioning(s.spectra["trained"]) for s in subs.values()])),
+        "sub_cond_random": float(np.median([_conditioning(s.spectra["random"]) for s in subs.values()])),
+        "sub_depart_trained": max(v for k, v in depart.items() if k.endswith("trained")),
+        "sub_depart_random": min(v for k, v in depart.items() if k.endswith("random")),
+        "sub_twins": len(next(iter(twins.values()))),
+        "sub_twins_same": "the same pairs in every model audited"
+        if len({tuple(t) for t in twins.values()}) == 1
+        else "different pairs in different models",
+        "sub_where": where,
+        "sub_summary": (
+            f"training adds {numbers['sub_nu_mu32']} matrix to ν and {numbers['sub_sum_gain32']} dimensions to the "
+            "sum of nullities (worst model), all at the input layer: it does not account for the paper's rows where "
+            "ν exceeds μ by two matrices or more"
+            if past == 0
+            else f"training adds nullity to W1 and to {past} other matrices, as the paper's rows with ν − μ ≥ 2 need"
+        ),
+        "sub_past_conclusion": "nothing past W1: every other matrix keeps full rank"
+        if past == 0
+        else f"{past} matrices past W1 lose rank too",
+    }
+
+
+def pick_depthwise(readings: Sequence[GroupedReading]) -> GroupedReading:
+    """The first depthwise convolution (one input channel per group) whose stacked matrix is tall (channels >=
+    k*k), the case where the matrix rule and the layer disagree most."""
+    for r in readings:
+        if r.stored_shape[1] == 1 and r.stacked_shape[0] >= r.stacked_shape[1]:
+            return r
+    raise ValueError("no depthwise convolution with at least k*k channels")
+
+
+def depthwise_numbers(
+    reading: GroupedReading, readings: Sequence[GroupedReading], totals: Mapping[str, Mapping[str, int]]
+) -> dict[str, Any]:
+    """Glue name -> value for the depthwise prose: the example layer (name, channels C, k*k, both nullities, its
+    dead channels: blocks of nullity k*k), every grouped layer's dead channels, and the model's sum of nullities
+    under both readings (``totals`` from :func:`grouped_totals`)."""
+    k2 = reading.stacked_shape[1]
+    return {
+        "dw_name": reading.name.removesuffix(".weight"),
+        "dw_c": reading.groups,
+        "dw_k2": k2,
+        "dw_k2m1": k2 - 1,
+        "dw_stacked_nullity": reading.stacked_nullity,
+        "dw_block_nullity": reading.block_nullity,
+        "dw_expected": reading.groups * (k2 - 1),
+        "dw_layers": sum(r.stored_shape[1] == 1 for r in readings),
+        "dw_dead": sum(
+            n == r.block_shape[1] // r.groups for r in readings if r.stored_shape[1] == 1 for n in r.group_nullities
+        ),
+        "dw_sum_stacked": totals["stacked"]["sum"],
+        "dw_sum_block": totals["block-diagonal"]["sum"],
+        "dw_nu_stacked": totals["stacked"]["nu"],
+        "dw_nu_block": totals["block-diagonal"]["nu"],
+    }
