@@ -198,3 +198,15 @@ def test_every_import_is_declared_and_pinned() -> None:
     unpinned = sorted(d for d in declared_names if d not in pinned_names)
     assert not missing, f"imported by helpers/ but not declared in pyproject.toml: {missing}"
     assert not unpinned, f"declared but not pinned in requirements.txt / helpers/nodeps.txt: {unpinned}"
+
+
+@pytest.mark.parametrize("notebook", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_is_a_valid_notebook(notebook: Path) -> None:
+    """nbformat's schema holds (cell ids present and unique), so papermill and Jupyter read it without warnings."""
+    import nbformat
+
+    nb = nbformat.reads(notebook.read_text(), as_version=nbformat.NO_CONVERT)
+    assert nb.nbformat == 4 and nb.nbformat_minor >= 5
+    nbformat.validate(nb)
+    ids = [c["id"] for c in nb.cells]
+    assert len(ids) == len(set(ids))

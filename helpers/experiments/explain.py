@@ -127,8 +127,11 @@ def path_gradient(
     target: int | torch.Tensor,
     baseline: float = 0.0,
     n_steps: int = 32,
+    batch: int | None = None,
 ) -> torch.Tensor:
     """The path-integrated gradient G with IG = (x - baseline) * G, images (N, C, H, W) -> (N, C, H, W).
+
+    ``batch``: at most this many path points per backward pass (default: all n_steps * N at once).
 
     The quadrature is Gauss-Legendre on [0, 1] with ``n_steps`` nodes: the nodes and weights captum's
     ``IntegratedGradients`` uses by default (``method="gausslegendre"``), computed with numpy here because
@@ -140,7 +143,9 @@ def path_gradient(
     a = torch.tensor(nodes, dtype=images.dtype, device=images.device).view(-1, 1, 1, 1, 1)
     w = torch.tensor(weights, dtype=images.dtype, device=images.device).view(-1, 1, 1, 1, 1)
     path = (baseline + a * (images - baseline)).reshape(-1, *images.shape[1:])  # (n_steps * N, C, H, W)
-    grads = saliency(model, path, _targets(target, n).to(images.device).repeat(n_steps))
+    targets = _targets(target, n).to(images.device).repeat(n_steps)
+    size = batch or len(path)
+    grads = torch.cat([saliency(model, p, t) for p, t in zip(path.split(size), targets.split(size))])
     return (grads.view(n_steps, *images.shape) * w).sum(0)
 
 
@@ -493,4 +498,265 @@ def prose_values(studies: dict[str, SetStudy], heavy: str) -> dict[str, Any]:
         if bool(fools[heavily].all()) and bool(heavily.any())
         else f"does not call {int((heavily & ~fools).sum())} of the {int(heavily.sum())} flagged twins identical"
     )
+    return values
+
+
+# --- a trained substitute without exact twins: near-null twins on EfficientNet-Lite0 ---------------------------
+
+#: The explanation methods of the substitute study, with the claim id each gets.
+SUBSTITUTE_IDS = {"gradcam": "gradcam", "saliency": "gradient", "ig": "integrated_gradients"}
+
+
+def gradients_and_cam(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    layers: dict[str, nn.Module],
+    cam: str = "cam",
+    batch: int = 16,
+) -> dict[str, torch.Tensor]:
+    """One forward and one backward pass per batch giving, for images (N, C, H, W) and targets (N,):
+    ``"gradient"`` (N, C, H, W) the input gradient of the target logit, ``"gradcam"`` (N, H, W) Grad-CAM
+    (Selvaraju et al., ReLU'd, upsampled bilinearly like ``gradcam``) at ``layers[cam]`` (output (N, K, h, w)),
+    ``"logits"`` (N, classes) and the output of every other module of ``layers`` (flattened to (N, -1)),
+    all detached."""
+    import torch.nn.functional as F
+
+    out: dict[str, list[torch.Tensor]] = {}
+    found: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, o, k=k: found.__setitem__(k, o)) for k, m in layers.items()]
+    try:
+        for x, t in zip(images.split(batch), targets.split(batch)):
+            x = x.detach().clone().requires_grad_(True)
+            logits = model(x)
+            gx, ga = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), [x, found[cam]])
+            heat = torch.relu((ga.mean((2, 3), keepdim=True) * found[cam]).sum(1, keepdim=True))
+            heat = F.interpolate(heat, size=tuple(images.shape[-2:]), mode="bilinear")[:, 0]
+            parts = {"gradient": gx, "gradcam": heat, "logits": logits}
+            parts.update({k: f.flatten(1) for k, f in found.items() if k != cam})
+            for k, v in parts.items():
+                out.setdefault(k, []).append(v.detach())
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+@dataclass
+class SubstituteStudy:
+    """Explanations and similarity of near-null twins and same-size controls on a trained model.
+
+    ``pairs``: the images (``similarity.NearNullPairs``); ``differences[variant][method]``: (N,) relative l2
+    difference (``relative_l2``) of the map of the saved twin / control (variants ``"twin"``, ``"control"``)
+    to the clean photo's, methods ``METHODS``; ``metrics``: ``similarity.pair_metrics`` on the pooled features;
+    ``stem``: (N,) relative change of the first layer's output, per variant; ``kept``: (N,) bool, the clean
+    prediction survives, per variant; ``captum_gap``: largest relative l2 gap between the one-pass Grad-CAM /
+    gradient and captum's ``LayerGradCam`` / ``Saliency`` on the first photo's three images, as one batch for
+    both (float32 round-off depends on the batch, and the gradient of a deep net amplifies it to ~1e-3);
+    ``maps``: the maps of photo ``example`` (rows clean, twin, control); ``n_steps``: IG's Gauss-Legendre
+    nodes (black baseline).
+    """
+
+    pairs: Any
+    differences: dict[str, dict[str, torch.Tensor]]
+    metrics: dict[str, dict[str, torch.Tensor]]
+    stem: dict[str, torch.Tensor]
+    kept: dict[str, torch.Tensor]
+    captum_gap: float
+    maps: dict[str, torch.Tensor]
+    n_steps: int
+
+
+def substitute_study(
+    model: nn.Module,
+    pairs: Any,
+    layers: dict[str, nn.Module],
+    n_steps: int = 4,
+    example: int = 0,
+    batch: int = 16,
+) -> SubstituteStudy:
+    """Grad-CAM at ``layers["cam"]``, the input gradient and Integrated Gradients (black baseline, ``n_steps``
+    Gauss-Legendre nodes) of the clean photos, their saved near-null twins and controls (``pairs``:
+    ``similarity.NearNullPairs``), all explaining the clean photo's prediction, in one batched forward and
+    backward (plus IG's path); the pooled features ``layers["pool"]`` give the feature distance and
+    ``layers["stem"]`` the first layer's change. ``model``: pixel-space classifier."""
+    from helpers.experiments import similarity
+
+    n, images = len(pairs.clean), pairs.batch()
+    with torch.no_grad():
+        targets = model(pairs.clean).argmax(1).repeat(3)
+    one = gradients_and_cam(model, images, targets, layers, batch=batch)
+    ig = images * path_gradient(model, images, targets, n_steps=n_steps, batch=batch * 2)
+    maps = {"gradcam": one["gradcam"], "saliency": one["gradient"], "ig": ig}
+    rows = [0, n, 2 * n]
+    reference = {
+        "gradcam": gradcam(model, images[rows], targets[rows], layers["cam"]),
+        "saliency": saliency(model, images[rows], targets[rows]),
+    }
+    same = gradients_and_cam(model, images[rows], targets[rows], layers, batch=len(rows))  # same batch as captum's
+    same = {"gradcam": same["gradcam"], "saliency": same["gradient"]}
+    gap = max(float(relative_l2(same[m], reference[m]).max()) for m in reference)
+    variants = {"twin": 1, "control": 2}
+    part = {v: slice(i * n, (i + 1) * n) for v, i in variants.items()}
+    return SubstituteStudy(
+        pairs=pairs,
+        differences={v: {m: relative_l2(maps[m][:n], maps[m][s]) for m in METHODS} for v, s in part.items()},
+        metrics=similarity.pair_metrics(pairs, one["pool"]),
+        stem={v: relative_l2(one["stem"][:n], one["stem"][s]).cpu() for v, s in part.items()},
+        kept={v: (one["logits"][s].argmax(1) == one["logits"][:n].argmax(1)).cpu() for v, s in part.items()},
+        captum_gap=gap,
+        maps={m: v[[example, n + example, 2 * n + example]].cpu() for m, v in maps.items()},
+        n_steps=n_steps,
+    )
+
+
+def substitute_flagged(study: SubstituteStudy) -> torch.Tensor:
+    """(N,) bool: PSNR flags the saved twin as heavily altered (< ``FLAGGED_PSNR_DB``)."""
+    return study.metrics["twin"]["psnr_db"] < FLAGGED_PSNR_DB
+
+
+def substitute_ratio(study: SubstituteStudy) -> torch.Tensor:
+    """(N,) the twin's feature distance over the same-size control's."""
+    m = study.metrics
+    return m["twin"]["feature_distance"] / m["control"]["feature_distance"].clamp_min(1e-300)
+
+
+def substitute_claims(study: SubstituteStudy, model: str) -> list[dict[str, Any]]:
+    """The chapter's trained-substitute claims as keyword arguments of ``Chapter.claim`` (criteria fixed here,
+    before any value is read; kind beyond, trained weights needed). Per method: on every photo the saved
+    near-null twin's map differs less from the clean photo's than the same-size control's does (the measure
+    sees the control and sees the near-collision less). Similarity: every twin PSNR flags (< ``FLAGGED_PSNR_DB``)
+    has a pooled-feature distance at most ``FOOLED_FEATURE_RATIO`` x the control's (the chapter's criterion for
+    a feature metric that calls a twin identical). ``model``: the substitute's display name."""
+    from helpers.book import verdict
+
+    label = f"trained substitute: {model}"
+    n = len(study.pairs.clean)
+    claims: list[dict[str, Any]] = []
+    for method, cid in SUBSTITUTE_IDS.items():
+        name = METHOD_NAMES[method]
+        twin, control = study.differences["twin"][method], study.differences["control"][method]
+        below = stats.Rate.of((twin < control).tolist())
+        same = stats.Rate.of((twin <= SAME_MAP_REL_L2).tolist())
+        claims.append(
+            dict(
+                id=f"implications.{cid}.trained_substitute",
+                description=f"{name} sees a near-collision twin less than a same-size change ({label})",
+                criterion=verdict.every(
+                    f"{name}: relative l2 difference to the clean photo's map, PNG-saved near-null twin < "
+                    "same-size control",
+                    kind="beyond",
+                ).trained(),
+                paper="same visualization (Sec. 5)",
+                ours=f"{below.text()}; twin {_spread(twin).text('.2g')}; control {_spread(control).text('.2g')}",
+                measured=below,
+                reason=f"{n} photos; twins within {SAME_MAP_REL_L2:.0%} of the clean map (the exact-twin "
+                f"criterion above): {same.text()}; near-collisions only (no exact whole-image twin)"
+                + (f"; IG with {study.n_steps} Gauss-Legendre nodes, black baseline" if method == "ig" else ""),
+            )
+        )
+    heavily = substitute_flagged(study)
+    ratio = substitute_ratio(study)
+    fools = stats.Rate.of((ratio <= FOOLED_FEATURE_RATIO)[heavily].tolist())
+    m = study.metrics
+    claims.append(
+        dict(
+            id="implications.similarity.trained_substitute",
+            description="the trained model's pooled features call a heavily altered near-collision twin identical "
+            f"while PSNR flags it ({label})",
+            criterion=verdict.every(
+                f"PNG-saved twins that PSNR flags (< {FLAGGED_PSNR_DB:g} dB): pooled-feature distance ≤ "
+                f"{FOOLED_FEATURE_RATIO:g} x that of a same-size control",
+                kind="beyond",
+            ).trained(),
+            paper="feature metric fooled, pixel metrics not (journal version)",
+            ours=f"{fools.text()}; {int(heavily.sum())} of {n} twins flagged "
+            f"({_spread(m['twin']['psnr_db'], unit='dB').text('.3g')}); feature distance / control's "
+            f"{_spread(ratio).text('.2g')}",
+            measured=fools,
+            reason=f"features: the 1280-d pooled features before the classifier; twins sized for "
+            f"{study.pairs.psnr_db:g} dB before clipping; controls' PSNR "
+            f"{_spread(m['control']['psnr_db'], unit='dB').text('.3g')}",
+        )
+    )
+    return claims
+
+
+def substitute_requirements(study: SubstituteStudy) -> list[Requirement]:
+    """Internal checks of the substitute study (each can fail): the one-pass Grad-CAM and gradient agree with
+    captum's to ``ROUND_OFF`` (relative l2); on every photo the saved twin changes the first layer's output less
+    than the same-size control does (the direction is near-null for the stem)."""
+    stem_t, stem_c = study.stem["twin"], study.stem["control"]
+    return [
+        Requirement(
+            study.captum_gap <= ROUND_OFF,
+            f"one-pass Grad-CAM and input gradient match captum's to {ROUND_OFF:g} (relative l2)",
+            f"gap {study.captum_gap:.1e}",
+        ),
+        Requirement(
+            bool((stem_t < stem_c).all()),
+            "the near-null twin changes the first layer's output less than the same-size control, on every photo",
+            f"twin {float(stem_t.max()):.2g} (worst) vs control {float(stem_c.min()):.2g} (least)",
+        ),
+    ]
+
+
+def substitute_rows(study: SubstituteStudy) -> list[dict[str, Any]]:
+    """One table row per variant (twin, control): medians of PSNR, SSIM, pooled-feature distance, first-layer
+    change and each map's relative difference, and how often the clean prediction survives."""
+    rows = []
+    for variant in ("twin", "control"):
+        m = study.metrics[variant]
+        rows.append(
+            {
+                "variant": variant,
+                "n": len(study.pairs.clean),
+                "median PSNR dB": float(m["psnr_db"].median()),
+                "median SSIM": float(m["ssim"].median()),
+                "feature distance (median)": float(m["feature_distance"].median()),
+                "first-layer change (median)": float(study.stem[variant].median()),
+                **{f"{METHOD_NAMES[k]} (median)": float(study.differences[variant][k].median()) for k in METHODS},
+                "prediction kept": stats.Rate.of(study.kept[variant].tolist()).text(),
+            }
+        )
+    return rows
+
+
+def substitute_values(study: SubstituteStudy) -> dict[str, Any]:
+    """Numbers and conclusions the prose shows (glued), all prefixed ``lite_``: ``n``, ``psnr`` / ``ssim``
+    (medians, twins) and ``control_psnr`` / ``control_ssim``; ``stem_twin`` / ``stem_control`` (median first-layer
+    change); per method ``<m>_twin`` / ``<m>_control`` (medians), ``<m>_below`` (photos whose twin differs less
+    than the control), ``<m>_same`` (twins within ``SAME_MAP_REL_L2``) and ``<m>_conclusion``; ``feature_twin``
+    / ``feature_control`` (medians), ``feature_ratio`` (median) / ``feature_ratio_worst``, ``flagged``,
+    ``fooled``, ``similarity_conclusion``; ``kept_twin`` / ``kept_control`` (clean prediction survives)."""
+    m, n = study.metrics, len(study.pairs.clean)
+    values: dict[str, Any] = {"lite_n": n, "lite_size": study.pairs.size}
+    for key, variant in (("", "twin"), ("control_", "control")):
+        values[f"lite_{key}psnr"] = float(m[variant]["psnr_db"].median())
+        values[f"lite_{key}ssim"] = float(m[variant]["ssim"].median())
+    values["lite_stem_twin"] = float(study.stem["twin"].median())
+    values["lite_stem_control"] = float(study.stem["control"].median())
+    for method in METHODS:
+        twin, control = study.differences["twin"][method], study.differences["control"][method]
+        below = int((twin < control).sum())
+        values[f"lite_{method}_twin"], values[f"lite_{method}_control"] = float(twin.median()), float(control.median())
+        values[f"lite_{method}_below"], values[f"lite_{method}_same"] = below, int((twin <= SAME_MAP_REL_L2).sum())
+        values[f"lite_{method}_conclusion"] = (
+            f"changes less for the twin than for the control on all {n} photos"
+            if below == n
+            else f"changes at least as much for the twin as for the control on {n - below} of {n} photos"
+        )
+    ratio, heavily = substitute_ratio(study), substitute_flagged(study)
+    fools = (ratio <= FOOLED_FEATURE_RATIO) & heavily
+    values["lite_feature_twin"] = float(m["twin"]["feature_distance"].median())
+    values["lite_feature_control"] = float(m["control"]["feature_distance"].median())
+    values["lite_feature_ratio"], values["lite_feature_ratio_worst"] = float(ratio.median()), float(ratio.max())
+    values["lite_flagged"], values["lite_fooled"] = int(heavily.sum()), int(fools.sum())
+    values["lite_similarity_conclusion"] = (
+        f"calls all {int(heavily.sum())} flagged twins identical"
+        if bool(heavily.any()) and int(fools.sum()) == int(heavily.sum())
+        else f"calls {int(fools.sum())} of the {int(heavily.sum())} flagged twins identical"
+    )
+    values["lite_kept_twin"] = stats.Rate.of(study.kept["twin"].tolist()).text()
+    values["lite_kept_control"] = stats.Rate.of(study.kept["control"].tolist()).text()
     return values

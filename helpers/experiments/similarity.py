@@ -288,3 +288,85 @@ def sweep_figure(rows: list[dict[str, float]], caption_model: str = "") -> Any:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# --- near-null twins on a trained model without exact twins (EfficientNet-Lite0) ------------------------------
+
+#: Near-null twins are sized so that, before clipping and saving, their PSNR to the clean image is this (dB):
+#: well below ``explain.FLAGGED_PSNR_DB``, so a pixel metric flags them as heavily altered.
+TWIN_PSNR_DB = 25.0
+
+
+@dataclass
+class NearNullPairs:
+    """A near-null twin and a same-size control per clean image, both saved as 8-bit PNGs.
+
+    ``clean``: (N, C, H, W) pixels in [0, 1]; ``twins``: PNG round trip of clip(clean + s v), v a whole-image
+    direction the first layer barely sees, s fixed by ``psnr_db``; ``control``: PNG round trip of clip(clean + r),
+    r Gaussian (seeded) scaled to the l2 norm of clip(clean + s v) - clean; ``size``: s / ||v||_inf, the twin's
+    l_inf step in pixels before clipping; ``psnr_db``: the PSNR the unclipped step was sized for.
+    """
+
+    clean: torch.Tensor
+    twins: torch.Tensor
+    control: torch.Tensor
+    size: float
+    psnr_db: float
+
+    def batch(self) -> torch.Tensor:
+        """(3N, C, H, W): clean, twins, controls."""
+        return torch.cat([self.clean, self.twins, self.control])
+
+
+def near_null_pairs(
+    clean: torch.Tensor, direction: torch.Tensor, psnr_db: float = TWIN_PSNR_DB, seed: int = 0
+) -> NearNullPairs:
+    """Twins clean + s v (``direction`` v: (C, H, W), e.g. ``attacks.stem_report(...).direction``) with s such
+    that the unclipped step has PSNR ``psnr_db`` (RMS 10^(-psnr_db / 20) pixels), clipped to [0, 1] and saved
+    as 8-bit PNGs, and same-l2 Gaussian controls (see ``NearNullPairs``). Raises ValueError unless ``clean`` is
+    (N, C, H, W) pixels in [0, 1] and ``direction`` is one nonzero image of the same shape."""
+    from helpers.data import image_validity
+
+    if clean.dim() != 4 or image_validity.outside_unit_range(clean) > 0:
+        raise ValueError(f"clean must be (N, C, H, W) pixels in [0, 1], got {tuple(clean.shape)}")
+    if tuple(direction.shape) != tuple(clean.shape[1:]) or float(direction.abs().max()) == 0:
+        raise ValueError(f"direction must be one nonzero {tuple(clean.shape[1:])} image, got {tuple(direction.shape)}")
+    v = direction.to(clean.device, torch.float64)
+    v = v / v.pow(2).mean().sqrt() * 10 ** (-psnr_db / 20)
+    x = clean.double()
+    twins = (x + v).clamp(0, 1)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    noise = noise.to(clean.device)
+    scale = (twins - x).flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)
+    control = (x + scale.view(-1, 1, 1, 1) * noise).clamp(0, 1)
+    return NearNullPairs(
+        clean=clean,
+        twins=image_validity.png_round_trip(twins.float()).to(clean.device),
+        control=image_validity.png_round_trip(control.float()).to(clean.device),
+        size=float(v.abs().max()),
+        psnr_db=psnr_db,
+    )
+
+
+def pair_metrics(pairs: NearNullPairs, features: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """PSNR, SSIM and the feature distance of each saved twin and control to its clean image, keyed
+    ``"twin"`` / ``"control"`` then ``"psnr_db"``, ``"ssim"``, ``"feature_distance"`` (each (N,), float64, cpu).
+
+    ``features``: (3N, D) features of ``pairs.batch()`` (e.g. a trained network's pooled features before its
+    classifier); the feature distance is ||f(other) - f(clean)|| / ||f(clean)||. Raises ValueError when the
+    features do not have 3N rows."""
+    n = len(pairs.clean)
+    if features.dim() != 2 or len(features) != 3 * n:
+        raise ValueError(f"features must be (3N, D) = ({3 * n}, D), got {tuple(features.shape)}")
+    f = features.double()
+    base = f[:n]
+    out = {}
+    for i, (key, other) in enumerate((("twin", pairs.twins), ("control", pairs.control)), start=1):
+        out[key] = {
+            "psnr_db": psnr(other, pairs.clean).double().cpu(),
+            "ssim": ssim(other, pairs.clean).double().cpu(),
+            "feature_distance": (
+                (f[i * n : (i + 1) * n] - base).norm(dim=1) / base.norm(dim=1).clamp_min(1e-300)
+            ).cpu(),
+        }
+    return out
