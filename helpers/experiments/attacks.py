@@ -16,7 +16,6 @@ Every budget is an l_inf distance in pixel units: the models are wrapped with ``
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,8 @@ from helpers.experiments.collisions import (
     Requirement,
     colliding_adversarials,
     colliding_report,
+    headroom,
+    max_patch_scale,
     random_kernel_perturbation,
     tiled_twin,
 )
@@ -96,12 +97,12 @@ def saturation(clean: torch.Tensor, adversarial: torch.Tensor, eps: float, tol: 
 
 def asma_loss(logits: torch.Tensor, target: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     """Eq. 2 of the ASMA paper: sum over classes c of g(x)_c on pixels where the target is c but the
-    prediction is not. logits (1, K, H, W); target (H, W) long."""
-    pred = logits.argmax(1)[0]
+    prediction is not, summed over the batch. logits (B, K, H, W); target (B, H, W), or (H, W) for every image,
+    long."""
+    pred = logits.argmax(1)
     loss = logits.new_zeros(())
     for c in classes:
-        where = (target == c) & (pred != c)
-        loss = loss + (logits[0, c] * where).sum()
+        loss = loss + (logits[:, c] * ((target == c) & (pred != c))).sum()
     return loss
 
 
@@ -377,13 +378,8 @@ def largest_beta(clean: torch.Tensor, adversarial: torch.Tensor, direction: torc
             f"clean {tuple(clean.shape)}, adversarial {tuple(adversarial.shape)} and direction "
             f"{tuple(direction.shape)} must have the same shape"
         )
-    _, hi = image_validity.beta_interval(adversarial, direction)
-    delta, d = (adversarial - clean).double(), direction.double()
-    room_up, room_down = (eps - delta).clamp_min(0), (eps + delta).clamp_min(0)
-    inf = torch.full_like(d, math.inf)
-    up = torch.where(d > 0, room_up / d.where(d > 0, 1.0), inf)
-    down = torch.where(d < 0, room_down / (-d).where(d < 0, 1.0), inf)
-    return max(0.0, min(hi, float(up.min()), float(down.min())))
+    lo, hi = headroom(clean, adversarial, eps, margin=0.0)
+    return float(max_patch_scale(direction.double().reshape(1, -1), lo.reshape(1, -1), hi.reshape(1, -1)))
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -649,12 +645,9 @@ def asma_batch(
     for step in range(iterations):
         x.requires_grad_(True)
         logits = model(x)
-        pred = logits.argmax(1)
-        loss = logits.new_zeros(())
-        for c in classes:
-            loss = loss + (logits[:, c] * ((targets == c) & (pred != c))).sum()
+        loss = asma_loss(logits, targets, classes)
         (grad,) = torch.autograd.grad(loss - ((x - x0) ** 2).sum(), x)
-        iou = mask_iou_batch(pred.detach(), targets)
+        iou = mask_iou_batch(logits.detach().argmax(1), targets)
         iou_start = iou_start or iou.tolist()
         if stop_iou is not None:
             done |= iou >= stop_iou

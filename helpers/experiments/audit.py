@@ -491,15 +491,21 @@ def sweep(
 INDEPENDENT_MAX_ENTRIES = 2**21
 
 
-def numpy_rank(matrix: torch.Tensor, precision: torch.dtype, rtol: float | None = None) -> tuple[int, float]:
-    """(rank, margin) of a 2-D matrix by an SVD independent of the audit's code path: ``numpy.linalg.svd`` in
-    float64 (LAPACK through numpy, not torch) and the rule's threshold at ``precision``; the margin is
-    :func:`helpers.linalg.rank_rule.rank_margin` of numpy's singular values."""
+def numpy_singular_values(matrix: torch.Tensor) -> Any:
+    """Singular values of a 2-D matrix by ``numpy.linalg.svd`` in float64 (LAPACK through numpy, not torch)."""
     import numpy as np
 
-    a = matrix.detach().to("cpu", torch.float64).numpy()
-    shape = (int(a.shape[0]), int(a.shape[1]))
-    sigma = np.linalg.svd(a, compute_uv=False)
+    return np.linalg.svd(matrix.detach().to("cpu", torch.float64).numpy(), compute_uv=False)
+
+
+def numpy_rank(
+    matrix: torch.Tensor, precision: torch.dtype, rtol: float | None = None, *, sigma: Any = None
+) -> tuple[int, float]:
+    """(rank, margin) of a 2-D matrix by an SVD independent of the audit's code path
+    (:func:`numpy_singular_values`, or ``sigma`` when already computed for this matrix) and the rule's threshold
+    at ``precision``; the margin is :func:`helpers.linalg.rank_rule.rank_margin` of numpy's singular values."""
+    shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+    sigma = numpy_singular_values(matrix) if sigma is None else sigma
     if sigma.size == 0 or sigma.max() == 0:
         return 0, math.inf
     r = default_rtol(shape, precision) if rtol is None else rtol
@@ -518,19 +524,26 @@ def sample_matrices(
 
 
 def independent_rank_check(
-    matrices: Sequence[WeightMatrix], audit: ModelAudit, indices: Sequence[int]
+    matrices: Sequence[WeightMatrix],
+    audit: ModelAudit,
+    indices: Sequence[int],
+    sigmas: dict[int, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The audit's rank of each matrix in ``indices`` (``matrices`` in the audit's order) against
     :func:`numpy_rank` at the audit's precision. One record per matrix: name, shape, precision, both ranks,
     ``agree``, the margin of numpy's singular values from the threshold and the rounding allowance it must
-    exceed (``robust``: the rank cannot depend on the SVD's rounding)."""
+    exceed (``robust``: the rank cannot depend on the SVD's rounding). ``sigmas``: index -> numpy singular values,
+    filled as they are computed, so that audits of the same matrices at other precisions reuse the SVDs."""
     precision = getattr(torch, audit.dtype)
+    sigmas = {} if sigmas is None else sigmas
     out = []
     for i in indices:
         m, row = matrices[i], audit.rows[i]
         if m.name != row.name:
             raise ValueError(f"matrix {i} is {m.name!r} but the audit's row {i} is {row.name!r}: not the same model")
-        rank, margin = numpy_rank(m.matrix, precision, audit.rtol)
+        if i not in sigmas:
+            sigmas[i] = numpy_singular_values(m.matrix)
+        rank, margin = numpy_rank(m.matrix, precision, audit.rtol, sigma=sigmas[i])
         allowance = rounding_allowance(m.shape)
         out.append(
             {

@@ -232,11 +232,13 @@ class SetCollision:
             raise ValueError(f"{field} was not measured (not a classifier)")
         return stats.Rate.of(flags.tolist())
 
-    def png_ratio(self) -> stats.Spread:
-        """First-layer change of the stored colliding image over the stored original's own (1: as good as storing
-        the original; per image)."""
-        ratio = self.png_first_layer_rel / self.png_reference_rel.clamp_min(1e-300)
-        return stats.Spread.of(ratio.tolist())
+    def outputs_kept(self, after_png: bool = False) -> str:
+        """How the outputs agree, as text: the Rate of same top-5 (classifiers) or the Spread of mask pixel
+        agreement (segmenters), for the colliding images as made or after the PNG round trip."""
+        prefix = "png_" if after_png else ""
+        if self.same_top5 is not None:
+            return self.rate(f"{prefix}same_top5").text()
+        return self.spread(f"{prefix}agreement", larger_is_worse=False).text()
 
     def float_paths_agree(self, atol: float = 1e-5, rtol: float = 1e-3) -> tuple[bool, float]:
         """Internal check: the first-layer change measured through the model (its dtype) and computed from the
@@ -354,17 +356,12 @@ def set_rows(cases: dict[str, SetCollision]) -> list[dict[str, Any]]:
     spreads and rates over the image set (mean, 95% interval, worst)."""
     rows = []
     for name, c in cases.items():
-        outputs = (
-            c.rate("same_top5").text()
-            if c.same_top5 is not None
-            else c.spread("agreement", larger_is_worse=False).text()
-        )
         rows.append(
             {
                 "case": name,
                 "first-layer rel. change": c.spread("first_layer_rel").text(),
                 "same, float64 operator": c.spread("first_layer_rel64").text(),
-                "same top-5" if c.same_top5 is not None else "mask pixel agreement": outputs,
+                "same top-5" if c.same_top5 is not None else "mask pixel agreement": c.outputs_kept(),
             }
         )
     return rows
@@ -375,11 +372,6 @@ def validity_rows(cases: dict[str, SetCollision]) -> list[dict[str, Any]]:
     multiple of the perturbation that stays inside, and what an 8-bit PNG round trip does to the collision."""
     rows = []
     for name, c in cases.items():
-        after = (
-            c.rate("png_same_top5").text()
-            if c.png_same_top5 is not None
-            else c.spread("png_agreement", larger_is_worse=False).text()
-        )
         rows.append(
             {
                 "case": name,
@@ -388,7 +380,7 @@ def validity_rows(cases: dict[str, SetCollision]) -> list[dict[str, Any]]:
                 "largest multiple inside": c.spread("scale_hi", larger_is_worse=False).text(),
                 "first-layer rel. change after PNG": c.spread("png_first_layer_rel").text(),
                 "the original's own PNG": c.spread("png_reference_rel").text(),
-                "outputs after PNG": after,
+                "outputs after PNG": c.outputs_kept(after_png=True),
             }
         )
     return rows

@@ -312,7 +312,7 @@ def random_collision(
     return x + d.to(x.dtype).to(x.device)
 
 
-def _max_scale(p: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def max_patch_scale(p: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Largest s >= 0 per patch with lo <= s * p <= hi (lo <= 0 <= hi); p (..., d) -> (..., 1); 0 for p = 0."""
     big = torch.full_like(p, float("inf"))
     up = torch.where(p > 0, hi / p.clamp_min(1e-300), big)
@@ -425,7 +425,7 @@ def colliding_adversarials(
     lo_p, hi_p = _to_patches(lo, kernel.patch)[0], _to_patches(hi, kernel.patch)[0]  # (L, d)
     pinned = (lo_p >= 0) | (hi_p <= 0)
     directions = kernel_directions(kernel, pinned, n, torch.Generator().manual_seed(seed))
-    p = directions * _max_scale(directions, lo_p, hi_p)
+    p = directions * max_patch_scale(directions, lo_p, hi_p)
     perturbations = _from_patches(p, kernel.patch, clean.shape[1:])
     images = (adversarial.double().cpu() + perturbations).to(adversarial.dtype).to(adversarial.device)
     return CollidingSet(clean, adversarial, images, images - adversarial, eps, kernel, time.perf_counter() - start_time)
@@ -495,7 +495,7 @@ def tiled_twin(
     if isinstance(model, PixelSpace) and model.std is not None:
         p = normalization.to_pixel_space(p, torch.as_tensor(model.std).view(-1).tolist())
     lo, hi = headroom(clean.cpu(), adversarial.cpu(), eps)
-    beta = float(_max_scale(p.reshape(1, -1), lo.reshape(1, -1), hi.reshape(1, -1)))
+    beta = float(max_patch_scale(p.reshape(1, -1), lo.reshape(1, -1), hi.reshape(1, -1)))
     twin = (adversarial.double().cpu() + beta * p).to(adversarial.dtype).to(adversarial.device)
     residuals = collision_residuals(model, adversarial, twin)
     residuals.update(beta=beta, linf_to_clean=float((twin - clean).abs().max()))

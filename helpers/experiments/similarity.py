@@ -141,15 +141,6 @@ class ValidTwins:
         return self.patches_moved > 0
 
 
-def _patch_scale(p: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Largest s >= 0 per patch with lo <= s * p <= hi (lo <= 0 <= hi); p (..., d) -> (..., 1); 0 where p = 0."""
-    big = torch.full_like(p, float("inf"))
-    up = torch.where(p > 0, hi / p.clamp_min(1e-300), big)
-    down = torch.where(p < 0, lo / p.clamp_max(-1e-300), big)
-    scale = torch.minimum(up, down).amin(-1, keepdim=True)
-    return torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
-
-
 def valid_twins(kernel: PixelKernel, clean: torch.Tensor, seed: int = 0, margin: float = 1e-6) -> ValidTwins:
     """A colliding twin and a same-size control for each image of ``clean`` (N, C, H, W) in [0, 1].
 
@@ -175,9 +166,9 @@ def valid_twins(kernel: PixelKernel, clean: torch.Tensor, seed: int = 0, margin:
     pinned = (lo >= 0) | (hi <= 0)
     generator = torch.Generator().manual_seed(seed)
     directions = torch.stack([collisions.kernel_directions(kernel, pin, 1, generator)[0] for pin in pinned])
-    p = directions * _patch_scale(directions, lo, hi)
+    p = directions * collisions.max_patch_scale(directions, lo, hi)
     noise = torch.randn(x.shape, generator=generator, dtype=torch.float64).masked_fill(pinned, 0.0)
-    c = noise * _patch_scale(noise, lo, hi)
+    c = noise * collisions.max_patch_scale(noise, lo, hi)
     c = c * (p.flatten(1).norm(dim=1) / c.flatten(1).norm(dim=1).clamp_min(1e-300)).clamp_max(1.0).view(-1, 1, 1)
 
     def to_image(t: torch.Tensor) -> torch.Tensor:

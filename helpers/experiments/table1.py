@@ -541,10 +541,11 @@ def audit_rows(
             a.model, a.weights = name, loaded.weights
         matrices = weight_matrices(loaded.model)
         picked = sample_matrices(matrices, sample, seed)
+        sigmas: dict[int, Any] = {}  # one numpy SVD per sampled matrix, shared by both precisions
         out.independent[row] = [
             {"row": row, **rec}
             for a in (out.audits32[row], out.audits64[row])
-            for rec in independent_rank_check(matrices, a, picked)
+            for rec in independent_rank_check(matrices, a, picked, sigmas)
         ]
         out.w1s[row] = weight_matrices(loaded.model)[0]
         out.w1s[row].matrix = out.w1s[row].matrix.clone()
