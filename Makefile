@@ -1,6 +1,7 @@
 # collisions-book: `make build` renders the book, `make test` runs the tests. Both install what they need.
 #
-#   make build                 create/update .venv, execute changed chapters (papermill), render _build/html
+#   make build                 create/update .venv, execute changed chapters (papermill), render _build/html;
+#                              a chapter's results/ and figures/ are kept only when all its checks passed
 #   make lint                  ruff (lint + format check) on helpers/, tests/, chapters/ and mypy on helpers/
 #   make test                  create/update .venv, lint + pytest + every chapter with quick=True on the CPU, rendered into
 #                              a quick book (_build/quick) that the reader's test opens in headless Chromium
@@ -58,7 +59,8 @@ lint: env
 pytest: env
 	$(PY) -m pytest -q
 
-# Quick chapters and their book live in _build/quick (results/ and figures/ too): they never reach `make build`.
+# Quick chapters and their book live in _build/quick (results/ and figures/ too): they never reach `make build`,
+# which stages only full runs of the current sources (a quick --out of . or _build is refused).
 quick-book: env
 	$(PY) -m helpers.book build --quick --device cpu --weights $(WEIGHTS) --seed $(SEED) --force
 

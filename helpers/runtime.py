@@ -7,12 +7,19 @@ so that chapters and the command line behave the same way.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import queue
 import random
 import socket
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,22 +28,56 @@ import torch
 _WEIGHT_HOSTS = (("download.pytorch.org", 443), ("huggingface.co", 443))
 
 
-VALID_DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+#: The ``--device`` values the book understands (``cuda:N``: the N-th GPU; ``mps``: Apple GPUs; ``xpu``: Intel
+#: GPUs); :func:`resolve_device` says which of them this machine has when one is asked for and missing.
+VALID_DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps", "xpu", "xpu:N")
+
+
+def _accelerators() -> dict[str, tuple[bool, int]]:
+    """Device type -> (available here, how many), for the accelerators :data:`VALID_DEVICES` names."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    xpu_ok = bool(xpu is not None and xpu.is_available())
+    return {
+        "cuda": (torch.cuda.is_available(), torch.cuda.device_count() if torch.cuda.is_available() else 0),
+        "mps": (bool(mps is not None and mps.is_available()), 1),
+        "xpu": (xpu_ok, xpu.device_count() if xpu is not None and xpu_ok else 0),
+    }
+
+
+def available_devices() -> list[str]:
+    """The ``--device`` values that work on this machine: auto, cpu, then each accelerator present."""
+    found = ["auto", "cpu"]
+    for kind, (ok, count) in _accelerators().items():
+        if ok:
+            found += [kind] + ([f"{kind}:{i}" for i in range(count)] if kind != "mps" else [])
+    return found
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     """Turn the chapters' ``device`` parameter into a torch device.
 
-    ``"auto"`` picks CUDA when available, else CPU. Anything else must be a device torch accepts.
+    ``"auto"`` picks CUDA when available, else CPU. Otherwise one of :data:`VALID_DEVICES` that this machine
+    has (``"meta"`` is accepted too, for shape-only work); anything else raises a one-line ``ValueError`` that
+    lists the valid values and the ones available here.
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    here = f"available here: {', '.join(available_devices())}"
     try:
         resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {device!r}; valid: {', '.join(VALID_DEVICES)}") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use 'auto' or 'cpu'")
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; valid: {', '.join(VALID_DEVICES)} ({here})") from err
+    if resolved.type in ("cpu", "meta"):
+        return resolved
+    accelerators = _accelerators()
+    if resolved.type not in accelerators:
+        raise ValueError(f"unsupported device {device!r}; valid: {', '.join(VALID_DEVICES)} ({here})")
+    ok, count = accelerators[resolved.type]
+    if not ok:
+        raise ValueError(f"device {device!r} asked for, but this machine or torch build has no {resolved.type}; {here}")
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"device {device!r} asked for, but there are {count} {resolved.type} device(s); {here}")
     return resolved
 
 
@@ -48,20 +89,45 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+#: The longest the network probe may take, name resolution included (seconds).
+NETWORK_TIMEOUT_S = 2.0
+
+
+def offline_forced() -> bool:
+    """True when ``COLLISIONS_OFFLINE`` is set to 1 (or true/yes/on): no network probe, no download."""
+    return os.environ.get("COLLISIONS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _probe(host: str, port: int, timeout_s: float, answers: queue.SimpleQueue[bool]) -> None:
+    """Put whether ``host:port`` accepts a TCP connection into ``answers``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            answers.put(True)
+    except OSError:
+        answers.put(False)
+
+
 @functools.cache
-def network_available(timeout_s: float = 1.5) -> bool:
+def network_available(timeout_s: float = NETWORK_TIMEOUT_S) -> bool:
     """True when one of the weight hosts accepts a TCP connection (checked once per process).
 
-    ``COLLISIONS_OFFLINE=1`` forces offline mode without probing.
+    Each host is probed in its own daemon thread and the answer is awaited ``timeout_s`` in all: a hanging name
+    resolution (``getaddrinfo`` has no timeout of its own) makes the answer False after ``timeout_s``, never a
+    hang. ``COLLISIONS_OFFLINE=1`` (the command line's ``--offline``) answers False without probing; after
+    changing it inside a process, call ``network_available.cache_clear()``.
     """
-    if os.environ.get("COLLISIONS_OFFLINE") == "1":
+    if offline_forced():
         return False
+    answers: queue.SimpleQueue[bool] = queue.SimpleQueue()
     for host, port in _WEIGHT_HOSTS:
+        threading.Thread(target=_probe, args=(host, port, timeout_s, answers), daemon=True, name="net-probe").start()
+    deadline = time.monotonic() + timeout_s
+    for _ in _WEIGHT_HOSTS:
         try:
-            with socket.create_connection((host, port), timeout=timeout_s):
+            if answers.get(timeout=max(0.0, deadline - time.monotonic())):
                 return True
-        except OSError:
-            continue
+        except queue.Empty:
+            return False
     return False
 
 
@@ -137,3 +203,36 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_json_cache(path: Path, payload: Any) -> Path:
+    """Write ``payload`` (JSON-ready) to ``path`` atomically, inside an envelope that carries its SHA-256.
+
+    :func:`read_json_cache` recomputes the hash, so a truncated, garbled or hand-edited file is detected.
+    """
+    text = json.dumps(payload, sort_keys=True, allow_nan=False)
+    envelope = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "payload": text}
+    return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(envelope)))
+
+
+def discard_cache(path: Path, why: str) -> None:
+    """Remove a cache file that failed verification and say so in one line on stderr (it will be recomputed)."""
+    print(f"[cache] {path.name}: {why}; discarded, recomputing", file=sys.stderr, flush=True)
+    path.unlink(missing_ok=True)
+
+
+def read_json_cache(path: Path) -> Any | None:
+    """The payload written by :func:`write_json_cache`, or ``None`` when the file is missing or fails
+    verification (not JSON, not an envelope, hash mismatch); a failing file is discarded (:func:`discard_cache`)."""
+    if not path.exists():
+        return None
+    try:
+        envelope = json.loads(path.read_bytes())
+        text = envelope["payload"]
+        if hashlib.sha256(text.encode()).hexdigest() != envelope["sha256"]:
+            discard_cache(path, "content does not match its hash")
+            return None
+        return json.loads(text)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        discard_cache(path, "unreadable (truncated or not a cache file)")
+        return None

@@ -111,12 +111,18 @@ def _executed_chapter(title: str) -> dict:
     return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
 
 
+#: The parameters of the fake quick build below.
+QUICK = {"device": "cpu", "weights": "auto", "quick": True, "seed": 0}
+
+
 @pytest.fixture
 def fake_book(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    """A repository with two chapters and a page, and a build folder holding both executed chapters and their
-    results; returns (build folder, outputs folder)."""
+    """A repository with two chapters and a page, and a quick build folder holding both executed chapters (with
+    their hash stamps) and their results as the pipeline keeps them; returns (build folder, outputs folder)."""
     root, out, outputs = tmp_path / "repo", tmp_path / "build", tmp_path / "outputs"
     (root / "chapters").mkdir(parents=True)
+    (root / "helpers").mkdir()
+    (root / "requirements.txt").write_text("")
     (root / "_static").mkdir()
     (root / "_static" / "colab-badge.svg").write_text("<svg/>")
     (root / "_config.yml").write_text('title: "Fake book"\n')
@@ -142,12 +148,19 @@ def fake_book(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Pa
         quick=True,
         device="cpu",
     )
+    for stem in ("a", "b"):  # as pipeline.promote keeps them: stamp, checks' outcome, content hash
+        digest = pipeline.content_hash(root / "chapters" / f"{stem}.ipynb", QUICK)
+        (out / "executed" / f"{stem}.hash").write_text(digest)
+        record = json.loads((outputs / "results" / f"{stem}.json").read_text())
+        checks = {"passed": 1, "failed": [], "skipped": 0}
+        final = results.finalize(record, checks=checks, source_hash=digest, figures={})
+        (outputs / "results" / f"{stem}.json").write_text(json.dumps(final))
     return out, outputs
 
 
 def test_stage_assembles_the_book_source(fake_book: tuple[Path, Path]) -> None:
     out, outputs = fake_book
-    src = pipeline.stage(out, outputs)
+    src = pipeline.stage(out, outputs, QUICK)
     assert src == out / "src"
     root = pipeline.ROOT
     for name in ("_config.yml", "_toc.yml", "intro.md", "_static/colab-badge.svg"):
@@ -175,11 +188,11 @@ def test_stage_starts_from_scratch_and_needs_every_page(fake_book: tuple[Path, P
     stale = out / "src" / "chapters" / "old.ipynb"
     stale.parent.mkdir(parents=True)
     stale.write_text("{}")
-    pipeline.stage(out, outputs)
+    pipeline.stage(out, outputs, QUICK)
     assert not stale.exists()
     (out / "executed" / "b.ipynb").unlink()
     with pytest.raises(SystemExit, match="missing page for toc entry 'chapters/b'"):
-        pipeline.stage(out, outputs)
+        pipeline.stage(out, outputs, QUICK)
 
 
 def test_missing_glue_is_caught() -> None:

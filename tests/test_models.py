@@ -10,6 +10,8 @@ import torch
 from helpers import runtime
 from helpers.models import registry
 
+from .conftest import needs_mnist
+
 
 @pytest.fixture
 def offline(monkeypatch: pytest.MonkeyPatch, tmp_path):
@@ -82,13 +84,17 @@ def test_pretrained_path_loads_a_cached_checkpoint_without_network(offline) -> N
     assert loaded.class_names[:1] == ["tench"] and loaded.transform is not None
 
 
-def test_book_model_uses_the_training_cache(offline, monkeypatch: pytest.MonkeyPatch) -> None:
+@needs_mnist
+def test_book_model_uses_the_training_cache(offline) -> None:
     from helpers.models import train
 
     assert registry.load("lenet5", "auto").weights == "random"
     config = train.CANONICAL["lenet5"]
     path, _ = train._cache_paths(config)
-    torch.save(config.build().state_dict(), path)
+    model = config.build()
+    torch.save(model.state_dict(), path)  # weights without their verified metadata: not trusted
+    assert registry.load("lenet5", "auto").weights == "random"
+    assert train.store(config, model, train.accuracy(model, *train.holdout_digits()), 0.0)
     assert registry.load("lenet5", "pretrained").is_pretrained
 
 

@@ -4,7 +4,14 @@ ch = chapter.setup("fig1_resnet50", device=device, weights=weights, quick=quick,
 resnet = ch.load("resnet50")        # banner shown if the weights are random
 ch.figure(fig, "fig1_tiled", "caption")  # shown on the page with its caption, saved to figures/
 ch.claim("fig1.same_top5", "same top-5", verdict.every("same top-5").trained(), paper="same", ours=rate)
+checks = results.Checks()
+checks.require(residual < 1e-6, "residual below 1e-6", residual)
+checks.finish()                     # shows the checks; raises if one fails
 ch.save()                           # results/fig1_resnet50.json
+
+Under the build (``python -m helpers.book``) results and figures go to a pending folder and are kept only when
+the notebook ran to the end with every check passed; finishing the checks before saving keeps a failed chapter's
+results out of ``results/`` when it runs by hand (Jupyter, Colab) too.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ class Chapter:
         A model that runs with random weights joins the chapter's one random-weights banner (shown where the
         first such model is loaded, and updated in place with every later one).
         """
-        loaded = registry.load(model_name, weights or self.weights, self.device)  # type: ignore[arg-type]
+        loaded = registry.load(model_name, weights or self.weights, self.device, seed=self.seed)  # type: ignore[arg-type]
         self.loaded[model_name] = loaded
         if not loaded.is_pretrained:
             self.random_models[model_name] = loaded
@@ -106,6 +113,10 @@ class Chapter:
         plotting.show_figure(fig, name, f"Figure {len(self.figures)}. {caption}")
 
     def save(self, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``results/<name>.json``: the claims, the figures shown, ``extra`` (plus the models and seconds).
+
+        Call it after ``checks.finish()``. Under the build this is a pending file, kept only if every check passed.
+        """
         extra = dict(extra or {})
         extra.setdefault("models", {n: {"weights": m.weights, "detail": m.detail} for n, m in self.loaded.items()})
         extra.setdefault("seconds", round(time.perf_counter() - self.started, 2))

@@ -2,13 +2,20 @@
 
 Each chapter records its claims: what the paper says, what we measured, the weights used and a status.
 The build turns all results files into the Reproduction scoreboard page.
+
+Under the build (:mod:`helpers.book.pipeline`) a chapter writes into a pending folder and ``Checks.finish``
+records the checks' outcome beside it; the pipeline keeps the results (:func:`finalize`: the checks' outcome,
+the content hash of the sources, the figures' hashes) only when the notebook ran to the end with every check
+passed, and :func:`record_problem` says why a results file cannot be rendered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -120,6 +127,73 @@ def save(
     return runtime.write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
 
 
+#: Set by the pipeline while a chapter runs: the JSON file where ``Checks.finish`` records the checks' outcome.
+CHECKS_FILE_ENV = "COLLISIONS_CHECKS_FILE"
+
+
+def merge_checks(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    """Two checks outcomes (``{"passed": n, "failed": [what, ...], "skipped": n}``) as one; ``a`` may be None."""
+    if a is None:
+        return dict(b)
+    return {
+        "passed": a["passed"] + b["passed"],
+        "failed": a["failed"] + b["failed"],
+        "skipped": a["skipped"] + b["skipped"],
+    }
+
+
+def read_checks(path: Path) -> dict[str, Any] | None:
+    """The checks outcome recorded in ``path`` (see :data:`CHECKS_FILE_ENV`), or None if no check finished."""
+    if not path.exists():
+        return None
+    outcome = json.loads(path.read_text())
+    if not (isinstance(outcome, dict) and {"passed", "failed", "skipped"} <= set(outcome)):
+        raise ValueError(f"{path} is not a checks outcome")
+    return outcome
+
+
+def figure_digests(folder: Path) -> dict[str, str]:
+    """Figure name -> SHA-256 of ``folder/<name>.png``, for every PNG in ``folder``."""
+    return {p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
+
+
+def finalize(
+    record: dict[str, Any], *, checks: dict[str, Any], source_hash: str, figures: dict[str, str]
+) -> dict[str, Any]:
+    """A chapter's record as the book keeps it: with its checks' outcome, the content hash of the sources it ran
+    from (``pipeline.content_hash``) and the SHA-256 of each figure it wrote (``figure_digests``)."""
+    return {**record, "checks": checks, "source_hash": source_hash, "figure_sha256": figures}
+
+
+def record_problem(record: Any, *, chapter: str, source_hash: str, quick: bool, figures: Path | None = None) -> str:
+    """Why ``record`` (a loaded results file) cannot be rendered in a book built with ``quick`` from the sources
+    whose content hash is ``source_hash``; "" when it can. ``figures``: the folder its figures must be in,
+    byte-identical to the run that wrote the record."""
+    if not isinstance(record, dict) or record.get("chapter") != chapter:
+        return f"is not the results file of chapter {chapter!r}"
+    if bool(record.get("quick")) != quick:
+        wrote, needs = ("quick", "full") if record.get("quick") else ("full", "quick")
+        return f"was written by a {wrote} run; this book needs a {needs} run"
+    if "source_hash" not in record:
+        return "records no source hash (not written by `python -m helpers.book execute`)"
+    if record["source_hash"] != source_hash:
+        return "is not from the current sources (content hash differs)"
+    checks = record.get("checks")
+    if not isinstance(checks, dict):
+        return "records no checks outcome"
+    if checks.get("failed"):
+        return "records failed checks: " + "; ".join(map(str, checks["failed"]))
+    for name, digest in (record.get("figure_sha256") or {}).items():
+        if figures is None:
+            break
+        png = figures / f"{name}.png"
+        if not png.exists():
+            return f"lists figures/{name}.png, which is missing"
+        if hashlib.sha256(png.read_bytes()).hexdigest() != digest:
+            return f"lists figures/{name}.png, which changed since the run"
+    return ""
+
+
 def load_all(folder: Path | None = None) -> list[dict[str, Any]]:
     """Every results file in ``folder`` (default: the current results folder), sorted by chapter."""
     folder = folder or runtime.results_dir()
@@ -158,10 +232,25 @@ class Checks:
             f"<th>measured</th></tr></thead><tbody>{rows}</tbody></table></div>"
         )
 
+    def outcome(self) -> dict[str, Any]:
+        """``{"passed": n, "failed": [what, ...], "skipped": n}``: what a results file carries."""
+        count = {o: sum(1 for _, outcome, _ in self.items if outcome == o) for o in CHECK_OUTCOMES}
+        return {
+            "passed": count["passed"],
+            "failed": [w for w, o, _ in self.items if o == "failed"],
+            "skipped": count["skipped"],
+        }
+
     def finish(self) -> None:
+        """Show the checks; under the build, record their outcome (:data:`CHECKS_FILE_ENV`); raise if one failed."""
         text = "\n".join(f"{CHECK_OUTCOMES[o]:<10} {w}: {m}" for w, o, m in self.items)
         page.show_html(self.html(), text)
-        failed = [w for w, o, _ in self.items if o == "failed"]
+        target = os.environ.get(CHECKS_FILE_ENV)
+        if target:
+            path = Path(target)
+            merged = merge_checks(read_checks(path), self.outcome())
+            runtime.write_atomically(path, lambda tmp: tmp.write_text(json.dumps(merged, indent=1)))
+        failed = self.outcome()["failed"]
         if failed:
             raise ClaimFailed("claims that do not hold: " + "; ".join(failed))
 
@@ -235,6 +324,16 @@ def status_badge(status: str) -> str:
     return f'<span class="status status-{slug}">{html.escape(status)}</span>'
 
 
+def _checks_line(record: dict[str, Any]) -> list[str]:
+    """The line under a chapter's heading that says how its internal checks went (none if not recorded)."""
+    checks = record.get("checks")
+    if not isinstance(checks, dict):
+        return []
+    skipped = f" ({checks['skipped']} skipped)" if checks.get("skipped") else ""
+    failed = f", {len(checks['failed'])} failed" if checks.get("failed") else ""
+    return [f"Internal checks: {checks['passed']} passed{failed}{skipped}.", ""]
+
+
 def scoreboard_markdown(records: list[dict[str, Any]], chapter_titles: dict[str, str]) -> str:
     """The Reproduction scoreboard page (MyST markdown) from all results records: a table per chapter."""
     counts = {s: 0 for s in STATUSES}
@@ -262,7 +361,7 @@ def scoreboard_markdown(records: list[dict[str, Any]], chapter_titles: dict[str,
                 + " |"
             )
         mode = " (quick mode)" if record.get("quick") else ""
-        sections += [f"## [{title}](chapters/{record['chapter']}.ipynb){mode}", "", *rows, ""]
+        sections += [f"## [{title}](chapters/{record['chapter']}.ipynb){mode}", "", *_checks_line(record), *rows, ""]
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     head = [
         "# Reproduction scoreboard",

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -391,23 +391,44 @@ def audit_model(
 
 
 def _cache_path(key: str) -> Path:
+    """The cache file of audit ``key`` (the weight fingerprint, rule and method, hashed): a content key."""
     folder = runtime.cache_dir() / "audit"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{key}.json"
 
 
 def _read_cache(key: str) -> ModelAudit | None:
+    """The cached audit ``key``, verified (``runtime.read_json_cache``: hash envelope), or None to recompute.
+
+    A file that fails verification (random bytes, truncated, an edited rank) or does not describe an audit is
+    discarded with one line; a file removed meanwhile by another process is simply absent, and one in the
+    unhashed format of earlier versions is replaced without a word (it cannot be verified, only recomputed).
+    """
     path = _cache_path(key)
-    if not path.exists():
+    try:
+        if path.exists() and path.read_bytes()[:9] == b'{"rule": ':  # unhashed, by an older version: recompute
+            path.unlink(missing_ok=True)
+            return None
+        data = runtime.read_json_cache(path)
+    except OSError:  # removed (discarded, replaced) by another process between the check and the read
+        return None
+    if data is None:
         return None
     try:
-        return ModelAudit.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, KeyError):
+        cached = ModelAudit.from_json(data)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        runtime.discard_cache(path, "not an audit of this version")
         return None
+    return cached if cached.fingerprint == key else None
 
 
 def _write_cache(key: str, audit: ModelAudit) -> None:
-    runtime.write_atomically(_cache_path(key), lambda tmp: tmp.write_text(json.dumps(audit.to_json())))
+    """Store ``audit`` under ``key`` (atomic, hashed); a failed write (full disk) costs only the cache: one line."""
+    path = _cache_path(key)
+    try:
+        runtime.write_json_cache(path, audit.to_json())
+    except OSError as err:
+        print(f"[cache] {path.name}: not written ({err}); the audit is used uncached", file=sys.stderr, flush=True)
 
 
 def audit_registry_model(

@@ -263,7 +263,7 @@ def collide(
     from helpers.data import mnist_data, photos
     from helpers.models import registry
 
-    loaded = registry.load(model_name, weights, device)  # type: ignore[arg-type]
+    loaded = registry.load(model_name, weights, device, seed=seed)  # type: ignore[arg-type]
     name, layer = first_layer(loaded.model)
     dev = runtime.resolve_device(device)
     if loaded.spec.task == "mnist":

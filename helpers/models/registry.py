@@ -1,15 +1,19 @@
 """One registry of every model the book uses, and ``load`` with an honest offline fallback.
 
-``load(name, weights, device)`` returns the model *and* what was really loaded. ``weights="auto"`` tries
-the library's normal pretrained path (local cache first, download when online) and falls back to random
-initialisation, fast and visibly; ``weights="pretrained"`` raises instead of falling back.
+``load(name, weights, device, seed=...)`` returns the model *and* what was really loaded. ``weights="auto"``
+tries the library's normal pretrained path (local cache first, download when online) and falls back to random
+initialisation, fast and visibly; ``weights="pretrained"`` raises instead of falling back. A cached checkpoint
+that does not load (garbage, truncated, another architecture) is discarded with one line, then downloaded again
+when online, else treated as unavailable. With ``seed`` the initialisation is bit-identical from run to run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -182,13 +186,26 @@ def spec(name: str) -> ModelSpec:
         raise KeyError(f"unknown model {name!r}; valid names: {', '.join(sorted(REGISTRY))}") from None
 
 
-def load(name: str, weights: Weights = "auto", device: str | torch.device = "cpu") -> LoadedModel:
+def load(
+    name: str, weights: Weights = "auto", device: str | torch.device = "cpu", *, seed: int | None = None
+) -> LoadedModel:
     """Build ``name`` in eval mode on ``device``.
 
     weights: ``"pretrained"`` (raise ``WeightsUnavailable`` if they cannot be had), ``"random"``, or
     ``"auto"`` (pretrained if possible, else random, with the reason in ``LoadedModel.detail``).
+    seed: with an int, every construction runs under ``torch.manual_seed(init_seed(name, seed))`` inside
+    ``torch.random.fork_rng``: the same seed gives bit-identical random weights (the offline ``auto`` fallback
+    included) and the global random state is left as it was. ``None`` (default): the global generator, as before.
     """
-    model_spec = spec(name)
+    return load_spec(spec(name), weights, device, seed=seed)
+
+
+def load_spec(
+    model_spec: ModelSpec, weights: Weights = "auto", device: str | torch.device = "cpu", *, seed: int | None = None
+) -> LoadedModel:
+    """:func:`load` for any spec, in the registry or not (``helpers.models.any_model`` builds specs for every
+    torchvision and timm name): the same builders, offline fallback and seeding."""
+    name = model_spec.name
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHT_CHOICES)}")
     builder = _BUILDERS[model_spec.source]
@@ -196,21 +213,99 @@ def load(name: str, weights: Weights = "auto", device: str | torch.device = "cpu
     reason = "random weights asked for"
     if weights != "random":
         try:
-            loaded = builder(model_spec, True)
+            with _seeded(name, seed):
+                loaded = builder(model_spec, True)
         except WeightsUnavailable as err:
             if weights == "pretrained":
                 raise WeightsUnavailable(f"pretrained weights for {name!r} unavailable: {err}") from err
             reason = str(err)
     if loaded is None:
-        loaded = builder(model_spec, False)
+        with _seeded(name, seed):
+            loaded = builder(model_spec, False)
         loaded.detail = reason
     loaded.model.eval().to(runtime.resolve_device(device) if isinstance(device, str) else device)
     return loaded
 
 
+def init_seed(name: str, seed: int) -> int:
+    """The torch seed model ``name`` is built under for ``seed`` (distinct models get distinct streams)."""
+    return int.from_bytes(hashlib.sha256(f"{name}|{seed}".encode()).digest()[:8], "big") >> 1
+
+
+@contextlib.contextmanager
+def _seeded(name: str, seed: int | None) -> Iterator[None]:
+    """Seed torch's CPU generator for one construction and restore the global random state afterwards."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed(name, seed))
+        yield
+
+
 def _torchvision_checkpoint(weights_enum: Any) -> Path:
     """Where ``torch.hub`` caches the checkpoint of a torchvision weights enum."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights_enum.url).path)
+
+
+def _checkpoint_fault(path: Path, err: Exception) -> str | None:
+    """Why the cached checkpoint ``path`` made a pretrained build fail with ``err``, or None if it is not to blame.
+
+    Blamed: a file that does not deserialise (garbage, truncated, empty), or one that does but whose state dict
+    does not fit the architecture.
+    """
+    if not path.exists():
+        return None
+    try:
+        if path.suffix == ".safetensors":
+            import safetensors.torch
+
+            safetensors.torch.load_file(str(path), device="cpu")
+        else:
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as load_err:  # pickle, zip, EOF or safetensors header errors, depending on the damage
+        return f"unreadable ({type(load_err).__name__}: truncated or not a checkpoint)"
+    if "Error(s) in loading state_dict" in str(err) or "size mismatch" in str(err):
+        return "its state dict does not fit the architecture"
+    return None
+
+
+def _discard_checkpoints(paths: list[Path], err: Exception) -> list[str]:
+    """Discard (one line each) the cached checkpoints in ``paths`` to blame for ``err``; their descriptions."""
+    found = []
+    for path in paths:
+        why = _checkpoint_fault(path, err)
+        if why is not None:
+            target = path.resolve()  # the hub cache links snapshots to blobs: remove both
+            runtime.discard_cache(path, why)
+            target.unlink(missing_ok=True)
+            found.append(f"cached checkpoint {path.name} discarded: {why}")
+    return found
+
+
+def _retry_once(
+    build: Callable[[], nn.Module],
+    discard: Callable[[Exception], list[str]],
+    what: str,
+    *,
+    reraise_unblamed: bool = False,
+) -> nn.Module:
+    """``build()`` a pretrained model; if it fails, ``discard`` the cached checkpoints to blame (one line each) and,
+    when online, build once more (the library downloads afresh and checks the download). Failures end in
+    ``WeightsUnavailable`` saying why; with ``reraise_unblamed`` a failure no cached file explains is re-raised."""
+    try:
+        return build()
+    except Exception as err:  # libraries raise hub, URL, pickle or zip errors depending on the damage
+        found = discard(err)
+        if not found and reraise_unblamed:
+            raise
+        why = "; ".join(found) or f"{type(err).__name__}: {' '.join(str(err).split())}"
+        if not found or not runtime.network_available():
+            raise WeightsUnavailable(f"{what} ({why}{'; no network to download it again' if found else ''})") from err
+    try:
+        return build()
+    except Exception as err:
+        raise WeightsUnavailable(f"{what} ({why}; downloading it again failed: {type(err).__name__})") from err
 
 
 def _build_torchvision(s: ModelSpec, pretrained: bool) -> LoadedModel:
@@ -226,7 +321,12 @@ def _build_torchvision(s: ModelSpec, pretrained: bool) -> LoadedModel:
         if not checkpoint.exists() and not runtime.network_available():
             raise WeightsUnavailable(f"no network and no cached checkpoint at {checkpoint}")
         kwargs.pop("init_weights", None)
-        model = fn(weights=enum, **kwargs)
+        model = _retry_once(
+            lambda: fn(weights=enum, **kwargs),
+            lambda err: _discard_checkpoints([checkpoint], err),
+            f"torchvision could not load {enum}",
+            reraise_unblamed=True,
+        )
         detail = f"torchvision {enum} from {checkpoint}"
     else:
         if s.task != "classification" and "num_classes" not in kwargs:
@@ -239,18 +339,40 @@ def _build_torchvision(s: ModelSpec, pretrained: bool) -> LoadedModel:
     )
 
 
+def _timm_checkpoints(builder: str) -> list[Path]:
+    """The files timm may have cached for ``builder``'s pretrained weights (Hugging Face hub or torch hub)."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(builder)
+    paths = []
+    if cfg is not None and cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in (
+            cfg.hf_hub_filename or "model.safetensors",
+            "pytorch_model.bin",
+            "open_clip_pytorch_model.bin",
+        ):
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                paths.append(Path(found))
+    if cfg is not None and isinstance(cfg.url, str) and cfg.url:
+        paths.append(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path))
+    return paths
+
+
 def _build_timm(s: ModelSpec, pretrained: bool) -> LoadedModel:
-    runtime.ensure_hub_mode()
+    if pretrained:  # random weights never touch the hub: no network probe
+        runtime.ensure_hub_mode()
     import timm
     from timm.data import create_transform, resolve_data_config
 
     if pretrained:
-        try:
-            model = timm.create_model(s.builder, pretrained=True, **s.kwargs)
-        except Exception as err:  # timm raises hub, URL or file errors depending on where weights live
-            raise WeightsUnavailable(
-                f"timm could not load pretrained {s.builder!r} ({type(err).__name__}: {' '.join(str(err).split())})"
-            ) from err
+        model = _retry_once(
+            lambda: timm.create_model(s.builder, pretrained=True, **s.kwargs),
+            lambda err: _discard_checkpoints(_timm_checkpoints(s.builder), err),
+            f"timm could not load pretrained {s.builder!r}",
+        )
     else:
         model = timm.create_model(s.builder, pretrained=False, **s.kwargs)
     transform = create_transform(**resolve_data_config({}, model=model))
@@ -272,7 +394,8 @@ def imagenet_classes() -> list[str]:
 
 
 def _build_smp(s: ModelSpec, pretrained: bool) -> LoadedModel:
-    runtime.ensure_hub_mode()
+    if pretrained:  # random weights never touch the hub: no network probe
+        runtime.ensure_hub_mode()
     import segmentation_models_pytorch as smp
 
     cls = getattr(smp, s.builder)
@@ -293,14 +416,21 @@ def _build_smp(s: ModelSpec, pretrained: bool) -> LoadedModel:
 def _build_book(s: ModelSpec, pretrained: bool) -> LoadedModel:
     from helpers.models import mnist_models, train
 
-    model = mnist_models.build(s.builder, **s.kwargs)
     if pretrained:
-        checkpoint = train.cached_checkpoint(s.name)
-        if checkpoint is None:
-            raise WeightsUnavailable(f"{s.name} has not been trained yet (the MNIST chapters train and cache it)")
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-        detail = f"trained by the book, cached at {checkpoint}"
+        config = train.CANONICAL.get(s.name)
+        try:  # verified when read: hash, architecture, accuracy re-measured on held-out digits
+            cached = train.load_cached(config) if config is not None else None
+        except (FileNotFoundError, ValueError) as err:
+            raise WeightsUnavailable(f"cannot verify the cached {s.name} without MNIST: {err}") from err
+        if cached is None:
+            raise WeightsUnavailable(
+                f"{s.name} has no verified cached training (never trained, or its cache entry failed verification "
+                "and was discarded); the MNIST chapters train and cache it"
+            )
+        model = cached.model
+        detail = f"trained by the book, cached at {cached.path}"
     else:
+        model = mnist_models.build(s.builder, **s.kwargs)
         detail = ""
     return LoadedModel(model, s, "pretrained" if pretrained else "random", None, [str(d) for d in range(10)], detail)
 

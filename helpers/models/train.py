@@ -2,14 +2,23 @@
 
 A configuration (architecture, its arguments, epochs, optimiser settings, seed, training-set size) names a
 trained model: training it twice gives the same file, so a rebuild loads it instead of retraining.
+
+A cache entry is two files written atomically, the weights (``<key>.pt``) first and the metadata (``<key>.json``,
+with the SHA-256 of the weights, in ``runtime.write_json_cache``'s hash envelope) last: weights without metadata
+are an unfinished entry. Reading verifies the entry (both hashes, the weights load into the architecture, and
+the stored accuracy is re-measured on ``HOLDOUT_SIZE`` held-out test digits); an entry that fails is discarded
+with one line and the model retrained.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -94,12 +103,13 @@ def _cache_paths(config: TrainConfig) -> tuple[Path, Path]:
 
 
 def cached_checkpoint(registry_name: str) -> Path | None:
-    """The cached state dict of a registry model the book trains, or None if not trained yet."""
+    """The cached state dict of a registry model the book trains, or None if not trained yet (or its cache entry
+    failed verification and was discarded, see :func:`load_cached`)."""
     config = CANONICAL.get(registry_name)
     if config is None:
         return None
-    weights, _ = _cache_paths(config)
-    return weights if weights.exists() else None
+    cached = load_cached(config)
+    return cached.path if cached is not None else None
 
 
 @torch.no_grad()
@@ -114,20 +124,154 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return correct / len(images)
 
 
-def train_mnist(config: TrainConfig, device: str | torch.device = "cpu", progress: bool = True) -> TrainedModel:
-    """Train ``config`` on MNIST (or load it from the cache) and return it in eval mode on ``device``."""
-    device = runtime.resolve_device(device) if isinstance(device, str) else device
-    weights_path, meta_path = _cache_paths(config)
+#: Test digits on which a cached model's stored accuracy is re-measured when it is read (a fixed random subset
+#: of the 10,000 test digits, none of them seen in training).
+HOLDOUT_SIZE = 500
+
+#: z of the Wilson interval around the re-measured accuracy that must contain the stored one. 4 (not 1.96): a
+#: sound entry is then discarded with probability below 1e-4 (less still, as the slice is drawn from the very
+#: test set the stored accuracy was measured on), while zeroed weights fail (stored 97.55%, measured 9.8% =
+#: 49/500, interval [5.7%, 16.4%]), as does a stored 97% that measures 93.8% (469/500) or less.
+HOLDOUT_Z = 4.0
+
+
+def holdout_interval(correct: int, n: int = HOLDOUT_SIZE, z: float = HOLDOUT_Z) -> tuple[float, float]:
+    """Wilson score interval (accuracy 0..1) of ``correct`` of ``n`` held-out digits at ``z`` standard errors."""
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def holdout_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``HOLDOUT_SIZE`` test digits (N, 1, 28, 28) and labels (N,) used to re-measure cached models."""
+    images, labels = mnist_data.load(train=False)
+    index = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:HOLDOUT_SIZE]
+    return images[index], labels[index]
+
+
+class _Invalid(Exception):
+    """A cache entry failed verification; the message says how (one line)."""
+
+
+def _legacy_meta(meta_path: Path) -> dict[str, Any] | None:
+    """The metadata of an entry written before the hash envelope (plain JSON, no weights hash), or None."""
+    try:
+        data = json.loads(meta_path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "payload" not in data and "test_accuracy" in data else None
+
+
+def _verified(config: TrainConfig, weights_path: Path, meta: dict[str, Any]) -> tuple[nn.Sequential, str]:
+    """The cached model of ``config`` (CPU, eval) and the SHA-256 of its weights file, or raise ``_Invalid``."""
+    if meta.get("config") != json.loads(json.dumps(asdict(config), default=list)):
+        raise _Invalid("its metadata names another configuration")
+    stored = meta.get("test_accuracy")
+    if (
+        not isinstance(stored, float | int)
+        or not 0 <= stored <= 1
+        or not isinstance(meta.get("train_seconds"), float | int)
+    ):
+        raise _Invalid("its metadata lacks a test accuracy in [0, 1] or a training time")
+    try:
+        data = weights_path.read_bytes()
+    except OSError as err:  # e.g. removed meanwhile by another process
+        raise _Invalid(f"its weights file cannot be read ({type(err).__name__})") from None
+    if "weights_sha256" in meta and hashlib.sha256(data).hexdigest() != meta["weights_sha256"]:
+        raise _Invalid("weights do not match the hash in their metadata")
     model = config.build()
-    if weights_path.exists() and meta_path.exists():
-        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-        meta = json.loads(meta_path.read_text())
-        return TrainedModel(
-            model.to(device).eval(), config, meta["test_accuracy"], meta["train_seconds"], weights_path, from_cache=True
+    try:
+        model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    except Exception as err:  # torch raises pickle, zip, EOF or key/shape errors depending on the damage
+        raise _Invalid(f"weights do not load into {config.kind} ({type(err).__name__})") from None
+    images, labels = holdout_digits()
+    correct = round(accuracy(model, images, labels) * len(images))
+    low, high = holdout_interval(correct, len(images))
+    if not low <= stored <= high:
+        raise _Invalid(
+            f"stored accuracy {stored:.2%} but {correct / len(images):.2%} measured on {len(images)} held-out test "
+            f"digits (outside [{low:.2%}, {high:.2%}], Wilson interval at z={HOLDOUT_Z:g})"
         )
+    return model.eval(), hashlib.sha256(data).hexdigest()
+
+
+def load_cached(config: TrainConfig) -> TrainedModel | None:
+    """The verified cache entry of ``config`` (model on CPU, eval mode), or None.
+
+    None when the entry is absent or unfinished (weights without metadata), or when it fails verification: then
+    it is discarded with one line on stderr (``runtime.discard_cache``). Verifying needs the MNIST test set
+    (``mnist_data.load`` raises ``FileNotFoundError``/``ValueError`` when it is missing or broken).
+    """
+    weights_path, meta_path = _cache_paths(config)
+    if not meta_path.exists():  # written last: without it the entry is unfinished (or absent)
+        return None
+    legacy = _legacy_meta(meta_path)
+    try:
+        meta = legacy if legacy is not None else runtime.read_json_cache(meta_path)  # None: discarded with a line
+    except OSError:  # removed meanwhile by another process: an absent entry
+        return None
+    if meta is None:
+        weights_path.unlink(missing_ok=True)
+        return None
+    try:
+        if not weights_path.exists():
+            raise _Invalid("its weights file is missing")
+        model, sha256 = _verified(config, weights_path, meta)
+    except _Invalid as err:
+        runtime.discard_cache(weights_path, str(err))
+        meta_path.unlink(missing_ok=True)
+        return None
+    if legacy is not None:  # upgrade the entry to the hashed metadata, now that it passed the checks
+        legacy["weights_sha256"] = sha256
+        _write_or_warn(meta_path, lambda: runtime.write_json_cache(meta_path, legacy))
+    return TrainedModel(model, config, meta["test_accuracy"], meta["train_seconds"], weights_path, from_cache=True)
+
+
+def _write_or_warn(path: Path, write: Callable[[], object]) -> bool:
+    """Run ``write()``; a failed cache write (full disk, crash) costs only the cache: one line, False."""
+    try:
+        write()
+    except OSError as err:
+        print(f"[cache] {path.name}: not written ({err}); the result is used uncached", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def store(config: TrainConfig, model: nn.Module, test_accuracy: float, train_seconds: float) -> bool:
+    """Write the cache entry of ``config`` (weights, then hashed metadata, each atomically); False if it failed.
+
+    ``test_accuracy`` (0..1) is checked against ``HOLDOUT_SIZE`` held-out digits whenever the entry is read."""
+    weights_path, meta_path = _cache_paths(config)
+    buffer = io.BytesIO()  # serialised in memory: a full disk then fails as an OSError in write_bytes
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    data = buffer.getvalue()
+    if not _write_or_warn(weights_path, lambda: runtime.write_atomically(weights_path, lambda t: t.write_bytes(data))):
+        return False
+    meta = {
+        "config": asdict(config),
+        "test_accuracy": test_accuracy,
+        "train_seconds": train_seconds,
+        "weights_sha256": hashlib.sha256(data).hexdigest(),
+    }
+    payload = json.loads(json.dumps(meta, default=list))
+    return _write_or_warn(meta_path, lambda: runtime.write_json_cache(meta_path, payload))
+
+
+def train_mnist(config: TrainConfig, device: str | torch.device = "cpu", progress: bool = True) -> TrainedModel:
+    """Train ``config`` on MNIST (or load its verified cache entry) and return it in eval mode on ``device``.
+
+    A cache entry that fails verification is discarded with one line and the model retrained; a cache write that
+    fails (full disk) is reported in one line and the trained model returned uncached.
+    """
+    device = runtime.resolve_device(device) if isinstance(device, str) else device
+    cached = load_cached(config)
+    if cached is not None:
+        cached.model.to(device)
+        return cached
 
     generator = runtime.seed_everything(config.seed)
-    model = config.build().to(device)  # rebuilt after seeding so the initialisation is reproducible
+    model = config.build().to(device)  # built after seeding so the initialisation is reproducible
     images, labels = mnist_data.load(train=True)
     if config.train_size is not None:
         images, labels = images[: config.train_size], labels[: config.train_size]
@@ -149,12 +293,8 @@ def train_mnist(config: TrainConfig, device: str | torch.device = "cpu", progres
     seconds = time.perf_counter() - start
     test_images, test_labels = mnist_data.load(train=False)
     acc = accuracy(model, test_images, test_labels)
-    # weights first, metadata last: a cache entry is complete only when both files exist
-    state = {k: v.cpu() for k, v in model.state_dict().items()}
-    runtime.write_atomically(weights_path, lambda tmp: torch.save(state, tmp))
-    meta = {"config": asdict(config), "test_accuracy": acc, "train_seconds": seconds}
-    runtime.write_atomically(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, default=list, indent=1)))
-    return TrainedModel(model.eval(), config, acc, seconds, weights_path, from_cache=False)
+    store(config, model, acc, seconds)
+    return TrainedModel(model.eval(), config, acc, seconds, _cache_paths(config)[0], from_cache=False)
 
 
 def train_zoo(
