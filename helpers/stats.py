@@ -16,6 +16,16 @@ import numpy as np
 Z95 = 1.959963984540054
 
 
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of the proportion ``k/n`` at ``z`` standard errors ((0, 1) when ``n`` is 0)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 @dataclass(frozen=True)
 class Rate:
     """``k`` successes out of ``n`` trials; ``interval`` is the 95% Wilson score interval of k/n."""
@@ -38,12 +48,7 @@ class Rate:
 
     @property
     def interval(self) -> tuple[float, float]:
-        if self.n == 0:
-            return (0.0, 1.0)
-        p, n, z = self.value, self.n, Z95
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return (max(0.0, centre - half), min(1.0, centre + half))
+        return wilson_interval(self.k, self.n)
 
     def text(self) -> str:
         lo, hi = self.interval

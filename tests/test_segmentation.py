@@ -113,3 +113,43 @@ def test_mask_iou_batch_agrees_with_mask_iou() -> None:
         segmentation.mask_iou_batch(pred, target[:, :4])
     with pytest.raises(PixelInputError):
         segmentation.mask_iou_batch(pred[0], target[0])  # not a batch
+
+
+@needs_mnist
+@pytest.mark.parametrize("fault", ["garbage", "truncated", "zeroed", "edited_iou", "no_metadata"])
+def test_a_bad_segmenter_cache_entry_is_discarded_and_retrained(
+    fault: str, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from helpers import runtime
+
+    monkeypatch.setenv("COLLISIONS_CACHE", str(tmp_path))
+    model, iou = segmentation.train_mnist_segmenter("cpu", train_size=256, epochs=1, progress=False)
+    (path,) = (tmp_path / "mnist-models").glob("segmenter-*.pt")
+    meta = path.with_suffix(".json")
+    if fault == "garbage":
+        path.write_bytes(b"not a checkpoint")
+    elif fault == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif fault == "zeroed":  # weights zeroed and their hash rewritten to match: only the IoU re-measure catches it
+        zeroed = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+        torch.save(zeroed, path)
+        import hashlib
+
+        stored = runtime.read_json_cache(meta)
+        runtime.write_json_cache(meta, {**stored, "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    elif fault == "edited_iou":
+        envelope = json.loads(meta.read_text())
+        envelope["payload"] = envelope["payload"].replace('"iou": ', '"iou": 1')
+        meta.write_text(json.dumps(envelope))
+    else:
+        meta.unlink()
+    capsys.readouterr()
+    again, iou_again = segmentation.train_mnist_segmenter("cpu", train_size=256, epochs=1, progress=False)
+    err = capsys.readouterr().err
+    assert iou_again == pytest.approx(iou, abs=1e-6)  # retrained from the same seed: the same segmenter
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    if fault != "no_metadata":  # an unfinished entry (weights without metadata) is simply absent
+        assert err.count("[cache]") == 1 and "discarded" in err, err
+    assert runtime.read_json_cache(meta) is not None  # healed: a verified entry again

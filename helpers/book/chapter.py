@@ -19,7 +19,6 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -112,15 +111,16 @@ class Chapter:
         self.figures.append(name)
         plotting.show_figure(fig, name, f"Figure {len(self.figures)}. {caption}")
 
-    def save(self, extra: dict[str, Any] | None = None) -> Path:
+    def save(self, extra: dict[str, Any] | None = None) -> None:
         """Write ``results/<name>.json``: the claims, the figures shown, ``extra`` (plus the models and seconds).
 
         Call it after ``checks.finish()``. Under the build this is a pending file, kept only if every check passed.
+        Returns nothing, so that a chapter's last line echoes no path onto the page.
         """
         extra = dict(extra or {})
         extra.setdefault("models", {n: {"weights": m.weights, "detail": m.detail} for n, m in self.loaded.items()})
         extra.setdefault("seconds", round(time.perf_counter() - self.started, 2))
-        return results.save(
+        results.save(
             self.name, self.claims, quick=self.quick, device=str(self.device), extra=extra, figures=self.figures
         )
 

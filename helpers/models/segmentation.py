@@ -6,7 +6,12 @@ first layer is a non-overlapping patch embedding, so exact null-space collisions
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import io
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +69,6 @@ def train_mnist_segmenter(
 ) -> tuple[nn.Sequential, float]:
     """Train ``patch_segmenter`` on binary MNIST digit masks (cached by its settings); returns (model in eval
     mode, foreground IoU on 2,000 test digits, 0..1)."""
-    import hashlib
-
     from helpers import runtime
     from helpers.data import mnist_data
 
@@ -76,36 +79,91 @@ def train_mnist_segmenter(
         )
     key = hashlib.sha256(json.dumps([train_size, epochs, seed, "patch_segmenter-binary-v1"]).encode()).hexdigest()[:12]
     path = runtime.cache_dir() / "mnist-models" / f"segmenter-{key}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if isinstance(device, str) else device
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = patch_segmenter()
-    if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    else:
-        images, _ = mnist_data.load(train=True)
-        images, masks = images[:train_size], digit_masks(images[:train_size])
-        model = model.to(device).train()
-        optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
-        steps = epochs * (train_size // SEGMENTER_BATCH)
-        bar = progress_bar(total=steps, desc="train MNIST segmenter", disable=not progress, leave=False)
-        for _ in range(epochs):
-            for batch in torch.randperm(train_size, generator=generator).split(SEGMENTER_BATCH)[
-                : train_size // SEGMENTER_BATCH
-            ]:
-                optimiser.zero_grad(set_to_none=True)
-                F.cross_entropy(model(images[batch].to(device)), masks[batch].to(device)).backward()
-                optimiser.step()
-                bar.update()
-        bar.close()
-        state = {k: v.cpu() for k, v in model.state_dict().items()}
-        runtime.write_atomically(path, lambda tmp: torch.save(state, tmp))
-    model = model.to(device).eval()
     test_images, _ = mnist_data.load(train=False)
+    test_images, test_masks = test_images[:2000], digit_masks(test_images[:2000])
+    cached = _load_segmenter(path, copy.deepcopy(model), test_images, test_masks, device)  # model stays fresh
+    if cached is not None:
+        return cached
+    images, _ = mnist_data.load(train=True)
+    images, masks = images[:train_size], digit_masks(images[:train_size])
+    model = model.to(device).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+    steps = epochs * (train_size // SEGMENTER_BATCH)
+    bar = progress_bar(total=steps, desc="train MNIST segmenter", disable=not progress, leave=False)
+    for _ in range(epochs):
+        for batch in torch.randperm(train_size, generator=generator).split(SEGMENTER_BATCH)[
+            : train_size // SEGMENTER_BATCH
+        ]:
+            optimiser.zero_grad(set_to_none=True)
+            F.cross_entropy(model(images[batch].to(device)), masks[batch].to(device)).backward()
+            optimiser.step()
+            bar.update()
+    bar.close()
+    model = model.eval()
+    iou = _segmenter_iou(model, test_images, test_masks, device)
+    _store_segmenter(path, model, iou)
+    return model, iou
+
+
+#: How far a cached segmenter's re-measured IoU may sit from the stored one (same digits; devices round differently).
+SEGMENTER_IOU_TOLERANCE = 0.01
+
+
+def _segmenter_iou(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, device: torch.device) -> float:
     with torch.no_grad():
-        pred = model(test_images[:2000].to(device)).argmax(1).cpu()
-    return model, mask_iou(pred, digit_masks(test_images[:2000]))
+        pred = model.to(device)(images.to(device)).argmax(1).cpu()
+    return mask_iou(pred, masks)
+
+
+def _store_segmenter(path: Path, model: nn.Module, iou: float) -> None:
+    """Weights (atomically), then their SHA-256 and IoU in a hashed JSON (``runtime.write_json_cache``), last."""
+    from helpers import runtime
+
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    data = buffer.getvalue()
+    try:
+        runtime.write_atomically(path, lambda tmp: tmp.write_bytes(data))
+        runtime.write_json_cache(
+            path.with_suffix(".json"), {"weights_sha256": hashlib.sha256(data).hexdigest(), "iou": iou}
+        )
+    except OSError as err:
+        print(f"[cache] {path.name}: not written ({err}); the result is used uncached", file=sys.stderr, flush=True)
+
+
+def _load_segmenter(
+    path: Path, model: nn.Module, images: torch.Tensor, masks: torch.Tensor, device: torch.device
+) -> tuple[nn.Sequential, float] | None:
+    """The verified cached segmenter (model in eval mode on ``device``, IoU) or None: the weights must match their
+    stored hash, load strictly, and re-measure the stored IoU within :data:`SEGMENTER_IOU_TOLERANCE`; an entry that
+    fails is discarded with one line (``runtime.discard_cache``) and the segmenter retrained."""
+    from helpers import runtime
+
+    meta = runtime.read_json_cache(path.with_suffix(".json"))
+    if meta is None or not path.exists():
+        path.unlink(missing_ok=True)
+        return None
+    data = path.read_bytes()
+    why = ""
+    if hashlib.sha256(data).hexdigest() != meta.get("weights_sha256"):
+        why = "weights do not match their stored hash"
+    else:
+        try:
+            model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+        except Exception as err:  # any unreadable or mismatched state dict is a bad entry
+            why = f"weights do not load ({type(err).__name__})"
+    if not why:
+        iou = _segmenter_iou(model.eval(), images, masks, device)
+        if abs(iou - float(meta.get("iou", -1.0))) <= SEGMENTER_IOU_TOLERANCE:
+            return model, iou  # type: ignore[return-value]
+        why = f"stored IoU {meta.get('iou')} but {iou:.4f} measured"
+    runtime.discard_cache(path, why)
+    path.with_suffix(".json").unlink(missing_ok=True)
+    return None
 
 
 def mask_iou_batch(pred: torch.Tensor, target: torch.Tensor, background: int = 0) -> torch.Tensor:

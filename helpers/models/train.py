@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from helpers import runtime
+from helpers import runtime, stats
 from helpers.data import mnist_data
 from helpers.models import mnist_models
 from helpers.progress import progress_bar
@@ -137,10 +136,7 @@ HOLDOUT_Z = 4.0
 
 def holdout_interval(correct: int, n: int = HOLDOUT_SIZE, z: float = HOLDOUT_Z) -> tuple[float, float]:
     """Wilson score interval (accuracy 0..1) of ``correct`` of ``n`` held-out digits at ``z`` standard errors."""
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return stats.wilson_interval(correct, n, z)
 
 
 def holdout_digits() -> tuple[torch.Tensor, torch.Tensor]:
