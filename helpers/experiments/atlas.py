@@ -661,7 +661,7 @@ def table1_points(rows_by_label: dict[str, AtlasRow], years: FamilyYears) -> lis
                 "mu": structural.mu,
                 "structural_sum_nullity": structural.structural_sum_nullity,
                 "patch_nullity": verdict.patch_nullity_structural,
-                "answer": verdict.answer,
+                "operator_verdict": verdict.answer,
                 "atlas": label if match is not None else None,
                 "year": years.year(family) if family else None,
             }
@@ -843,6 +843,27 @@ def cost_sample(rows: Sequence[AtlasRow], k: int, max_params: int) -> list[Archi
         return []
     picks = sorted({round(i * (len(built) - 1) / max(k - 1, 1)) for i in range(min(k, len(built)))})
     return [Architecture(r.library, r.name, r.family, r.task) for r in (built[i] for i in picks)]
+
+
+def trained_table(rows: Sequence[TrainedRow]) -> list[dict[str, Any]]:
+    """The trained atlas for the page, one short row per architecture: the weights used (or why none were), the
+    parameters in millions, the audit's n, nu, mu and sum of nullities, W1's patch nullity, the operator verdict and
+    the seconds spent (build + audit); numbers are None where no weights were loaded."""
+    return [
+        {
+            "architecture": f"{r.library}:{r.name}",
+            "weights": r.weights if r.ok else f"none ({r.error.split(':')[0]})",
+            "params (M)": round(r.params / 1e6, 1) if r.params else None,
+            "n": r.n,
+            "nu": r.nu,
+            "mu": r.mu,
+            "sum_nullity": r.sum_nullity,
+            "patch_nullity": r.patch_nullity,
+            "operator_verdict": r.answer,
+            "seconds": round(r.build_seconds + r.audit_seconds, 2) if r.ok else None,
+        }
+        for r in rows
+    ]
 
 
 @dataclass(frozen=True)
