@@ -222,20 +222,15 @@ def build_structural(arch: Architecture) -> tuple[nn.Module, str]:
 
 
 def input_for(arch: Architecture, model: nn.Module) -> tuple[tuple[int, ...], Any]:
-    """The input the first-layer verdict runs: ``(input_shape, example)``; ``example`` is not None where the model
-    takes something other than one batch tensor (detection models take a list of ``(3, H, W)`` images).
+    """The input the first-layer verdict runs: ``(input_shape, example)``; the shape is
+    :func:`any_model.input_shape_of`'s (the one home of "what a model of this name takes"); ``example`` is not
+    None where the model takes something other than one batch tensor (detection: a list of ``(3, H, W)`` images)."""
+    from helpers.models import any_model
 
-    timm: the model's ``pretrained_cfg["input_size"]``; torchvision: ``model.image_size`` where the model has one,
-    299 for Inception-V3, else 224; videos ``(3, 16, 224, 224)``; detection one ``(3, 224, 224)`` image."""
-    if arch.library == "timm":
-        size = tuple(int(x) for x in getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
-        return size, None
-    side = int(getattr(model, "image_size", 299 if arch.name == "inception_v3" else 224))
-    if arch.task == "video":
-        return (3, 16, side, side), None
+    shape = any_model.input_shape_of(any_model.ModelName(arch.name, arch.library, arch.task), model)
     if arch.task == "detection":
-        return (3, side, side), [torch.empty(3, side, side, device="meta")]
-    return (3, side, side), None
+        return shape, [torch.empty(*shape, device="meta")]
+    return shape, None
 
 
 # --- one row per architecture ---
@@ -640,15 +635,15 @@ def table1_points(rows_by_label: dict[str, AtlasRow], years: FamilyYears) -> lis
     (:func:`audit.build_on_meta` + :func:`audit.structural_audit` + the first-layer verdict): row label, registry
     name, n, mu, structural sum of nullities, patch nullity, operator answer, the atlas row it matches (same
     library and builder, no extra constructor arguments) and the year of its family (from that atlas row)."""
-    from helpers.models import registry
+    from helpers.models import any_model, registry
 
     out = []
     for row, name in registry.TABLE1_ROWS.items():
         spec = registry.spec(name)
         model = audit.build_on_meta(name)
         structural = audit.structural_audit(model)
-        shape = (3, 299, 299) if spec.builder == "inception_v3" else (3, 224, 224)
-        example = [torch.empty(3, 224, 224, device="meta")] if spec.task == "localization" else None
+        shape = any_model.input_shape_of(any_model.resolve(name), model)
+        example = [torch.empty(*shape, device="meta")] if spec.task == "localization" else None
         verdict = first_layer.first_layer_verdict(model, shape, example=example)
         label = f"{spec.source}:{spec.builder}"
         match = rows_by_label.get(label) if not spec.kwargs else None
