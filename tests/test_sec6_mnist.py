@@ -51,6 +51,11 @@ def test_exact_construction() -> None:
     assert not collisions.exact_construction(patch, (3, 9, 9))  # not a whole number of patches
     assert not collisions.exact_construction(nn.Conv2d(3, 4, 3, stride=2, padding=1), (3, 8, 8))  # overlapping
     assert not collisions.exact_construction(nn.Conv2d(1, 4, 2, stride=2), (1, 4, 4))  # 4 x 4: no kernel
+    square = nn.Linear(8, 8)  # a numerical kernel (sigma_min far below the rank rule's tolerance, but not 0)
+    with torch.no_grad():
+        u, s, vh = torch.linalg.svd(square.weight)
+        square.weight.copy_(u @ torch.diag(torch.cat([s[:-1], s[-1:] * 1e-7])) @ vh)
+    assert not collisions.exact_construction(square, (1, 8))
 
 
 def _curves(ratio_b: float = 1.0) -> dict[tuple[str, str], list[float]]:

@@ -846,10 +846,15 @@ def most_null_direction(layer: nn.Module) -> torch.Tensor:
 
 def exact_construction(layer: nn.Module, input_shape: Sequence[int]) -> bool:
     """Whether the paper's construction is exactly invisible to ``layer`` on inputs of ``input_shape`` (C, H, W):
-    ker W1 is non-trivial and the layer is Linear, or a conv whose windows tile the image (stride = kernel, no
-    padding, dilation 1, groups 1, a whole number of patches)."""
+    ker W1 is forced by the shape (fewer outputs than patch entries: a kernel found on a square or tall W1 is
+    numerical, singular values below the rank rule's tolerance but not zero, so its residual is not round-off) and
+    the layer is Linear, or a conv whose windows tile the image (stride = kernel, no padding, dilation 1, groups 1,
+    a whole number of patches)."""
     from helpers.linalg.conv_operator import geometry
 
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.shape[0] >= weight[0].numel():
+        return False
     try:
         kernel_basis(layer)
     except TrivialKernelError:
