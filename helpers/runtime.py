@@ -215,6 +215,17 @@ def write_json_cache(path: Path, payload: Any) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(envelope)))
 
 
+def write_cache_or_warn(path: Path, write: Callable[[], object]) -> bool:
+    """Run ``write()`` (a cache write for ``path``); a failed one (full disk, crash) costs only the cache: one line
+    on stderr and False, and the caller uses its result uncached."""
+    try:
+        write()
+    except OSError as err:
+        print(f"[cache] {path.name}: not written ({err}); the result is used uncached", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
 def discard_cache(path: Path, why: str) -> None:
     """Remove a cache file that failed verification and say so in one line on stderr (it will be recomputed)."""
     print(f"[cache] {path.name}: {why}; discarded, recomputing", file=sys.stderr, flush=True)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -425,10 +424,7 @@ def _read_cache(key: str) -> ModelAudit | None:
 def _write_cache(key: str, audit: ModelAudit) -> None:
     """Store ``audit`` under ``key`` (atomic, hashed); a failed write (full disk) costs only the cache: one line."""
     path = _cache_path(key)
-    try:
-        runtime.write_json_cache(path, audit.to_json())
-    except OSError as err:
-        print(f"[cache] {path.name}: not written ({err}); the audit is used uncached", file=sys.stderr, flush=True)
+    runtime.write_cache_or_warn(path, lambda: runtime.write_json_cache(path, audit.to_json()))
 
 
 def audit_registry_model(

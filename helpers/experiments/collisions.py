@@ -1186,16 +1186,11 @@ def tiled_leak(model: nn.Module, x: torch.Tensor, beta: float) -> Any:
 
 
 def random_first_layers(name: str, seeds: Sequence[int]) -> list[nn.Module]:
-    """The first layer of registry model ``name`` at random initialisation (its library's own init), one per seed;
-    the global random state is restored afterwards (``torch.random.fork_rng``)."""
+    """The first layer of registry model ``name`` at random initialisation (its library's own init), one per seed
+    (``registry.load(..., seed=)``: seeded construction, the global random state left as it was)."""
     from helpers.models import registry
 
-    layers = []
-    for seed in seeds:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            layers.append(first_layer(registry.load(name, "random").model)[1])
-    return layers
+    return [first_layer(registry.load(name, "random", seed=seed).model)[1] for seed in seeds]
 
 
 def sec6_substitute_claims(

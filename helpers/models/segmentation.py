@@ -10,7 +10,6 @@ import copy
 import hashlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -126,13 +125,9 @@ def _store_segmenter(path: Path, model: nn.Module, iou: float) -> None:
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
     data = buffer.getvalue()
-    try:
-        runtime.write_atomically(path, lambda tmp: tmp.write_bytes(data))
-        runtime.write_json_cache(
-            path.with_suffix(".json"), {"weights_sha256": hashlib.sha256(data).hexdigest(), "iou": iou}
-        )
-    except OSError as err:
-        print(f"[cache] {path.name}: not written ({err}); the result is used uncached", file=sys.stderr, flush=True)
+    meta = {"weights_sha256": hashlib.sha256(data).hexdigest(), "iou": iou}
+    if runtime.write_cache_or_warn(path, lambda: runtime.write_atomically(path, lambda tmp: tmp.write_bytes(data))):
+        runtime.write_cache_or_warn(path, lambda: runtime.write_json_cache(path.with_suffix(".json"), meta))
 
 
 def _load_segmenter(

@@ -15,9 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -220,18 +219,8 @@ def load_cached(config: TrainConfig) -> TrainedModel | None:
         return None
     if legacy is not None:  # upgrade the entry to the hashed metadata, now that it passed the checks
         legacy["weights_sha256"] = sha256
-        _write_or_warn(meta_path, lambda: runtime.write_json_cache(meta_path, legacy))
+        runtime.write_cache_or_warn(meta_path, lambda: runtime.write_json_cache(meta_path, legacy))
     return TrainedModel(model, config, meta["test_accuracy"], meta["train_seconds"], weights_path, from_cache=True)
-
-
-def _write_or_warn(path: Path, write: Callable[[], object]) -> bool:
-    """Run ``write()``; a failed cache write (full disk, crash) costs only the cache: one line, False."""
-    try:
-        write()
-    except OSError as err:
-        print(f"[cache] {path.name}: not written ({err}); the result is used uncached", file=sys.stderr, flush=True)
-        return False
-    return True
 
 
 def store(config: TrainConfig, model: nn.Module, test_accuracy: float, train_seconds: float) -> bool:
@@ -242,7 +231,9 @@ def store(config: TrainConfig, model: nn.Module, test_accuracy: float, train_sec
     buffer = io.BytesIO()  # serialised in memory: a full disk then fails as an OSError in write_bytes
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
     data = buffer.getvalue()
-    if not _write_or_warn(weights_path, lambda: runtime.write_atomically(weights_path, lambda t: t.write_bytes(data))):
+    if not runtime.write_cache_or_warn(
+        weights_path, lambda: runtime.write_atomically(weights_path, lambda t: t.write_bytes(data))
+    ):
         return False
     meta = {
         "config": asdict(config),
@@ -251,7 +242,7 @@ def store(config: TrainConfig, model: nn.Module, test_accuracy: float, train_sec
         "weights_sha256": hashlib.sha256(data).hexdigest(),
     }
     payload = json.loads(json.dumps(meta, default=list))
-    return _write_or_warn(meta_path, lambda: runtime.write_json_cache(meta_path, payload))
+    return runtime.write_cache_or_warn(meta_path, lambda: runtime.write_json_cache(meta_path, payload))
 
 
 def train_mnist(config: TrainConfig, device: str | torch.device = "cpu", progress: bool = True) -> TrainedModel:
