@@ -161,3 +161,12 @@ def test_cli_fails_on_a_bad_page(tmp_path: Path) -> None:
     assert run.returncode == 1, run.stdout + run.stderr
     assert "chapters/bad.html" in run.stdout and "missing figure" in run.stdout and "unrendered math" in run.stdout
     assert "[reader] index.html:" in run.stdout and " ok" in run.stdout
+
+
+@pytest.mark.parametrize("argv", [["/nonexistent"], ["--bogus"], []])
+def test_bad_arguments_give_one_line_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers.book import reader
+
+    assert reader.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[reader] error: "), err

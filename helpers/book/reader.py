@@ -13,7 +13,6 @@ browser the command line skips (exit 0), unless ``CI=true`` (exit 1).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import itertools
 import json
@@ -26,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from helpers.usage import OneLineParser, UsageError
 
 WINDOW_PX = (1280, 900)  # CSS px, width x height of the browser window
 
@@ -340,23 +341,21 @@ def check_book(
     return problems, heights
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"[reader] error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line; exit 0 when every page is fine (or no browser outside CI), 1 on problems, 2 on bad arguments."""
-    parser = _Parser(prog="python -m helpers.book.reader", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m helpers.book.reader", description=__doc__.splitlines()[0])
     parser.add_argument("html_dir", type=Path, help="the rendered book (_build/html)")
     parser.add_argument("--results", type=Path, help="results folder: the figures each chapter must show")
     parser.add_argument("--screenshots", type=Path, default=Path("_build/screenshots"))
-    args = parser.parse_args(argv)
-    if not (args.html_dir / "index.html").is_file():
-        parser.error(f"{args.html_dir} is not a rendered book (no index.html)")
-    if args.results is not None and not args.results.is_dir():
-        parser.error(f"results folder {args.results} does not exist")
+    try:
+        args = parser.parse_args(argv)
+        if not (args.html_dir / "index.html").is_file():
+            parser.error(f"{args.html_dir} is not a rendered book (no index.html)")
+        if args.results is not None and not args.results.is_dir():
+            parser.error(f"results folder {args.results} does not exist")
+    except UsageError as err:
+        print(f"[reader] error: {err}", file=sys.stderr)
+        return 2
     reason = SKIP_REASON if find_browser() is None else None
     try:
         import selenium  # noqa: F401
