@@ -9,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+#: The real MNIST folder (``COLLISIONS_DATA`` as the run was started, else the shared folder next to the checkout),
+#: read once: tests that point ``COLLISIONS_DATA`` at a scratch folder copy their files from here.
+MNIST_DATA = Path(os.environ.get("COLLISIONS_DATA") or SHARED_DATA)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -25,6 +28,6 @@ def mnist_available() -> bool:
 
 
 needs_mnist = pytest.mark.skipif(
-    not mnist_available() and not (SHARED_DATA / "MNIST" / "raw").is_dir(),
+    not mnist_available() and not (MNIST_DATA / "MNIST" / "raw").is_dir(),
     reason="MNIST not available (set COLLISIONS_DATA)",
 )

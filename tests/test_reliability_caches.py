@@ -27,7 +27,7 @@ from helpers.data import mnist_data
 from helpers.experiments import audit
 from helpers.models import registry, train
 
-from .conftest import REPO, SHARED_DATA, needs_mnist
+from .conftest import MNIST_DATA, REPO, needs_mnist
 
 TINY = train.TrainConfig("mlp", {"hidden": (32,)}, epochs=1, train_size=2000)
 
@@ -506,7 +506,7 @@ def test_an_empty_mnist_folder_names_the_missing_files(data_root: Path) -> None:
 
 
 def _shared_raw() -> Path:
-    return SHARED_DATA / "MNIST" / "raw"
+    return MNIST_DATA / "MNIST" / "raw"
 
 
 @needs_mnist
